@@ -1,0 +1,25 @@
+# hetmerge: dataset → base models → merges → evaluation → paper tables and figures, as one DAG.
+# Run:  snakemake --cores 8 --resources gpu=2 all     (see README.md)
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml", set_default=True)
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/merge.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        report_outputs(),

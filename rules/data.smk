@@ -1,0 +1,33 @@
+rule dataset:
+    """Find the dataset locally (configured roots) or download it with checksums; store it prepared."""
+    output:
+        data_path(),
+    params:
+        roots=config["dataset"]["roots"],
+        download="--download" if config["dataset"]["download"] else "--no-download",
+        download_root=config["dataset"]["download_root"],
+        verify="" if config["dataset"]["verify"] else "--no-verify",
+    log:
+        f"{RESULTS}/logs/dataset/{DATASET}.log",
+    shell:
+        "hetmerge data --dataset {DATASET} --roots {params.roots:q} {params.download} {params.verify} "
+        "--download-root {params.download_root:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule split:
+    """Class-disjoint tasks and a held-out merge slice, drawn from one seed."""
+    input:
+        data_path(),
+    output:
+        f"{RESULTS}/splits/{DATASET}/seed{{seed}}.json",
+    params:
+        num_tasks=config["split"]["num_tasks"],
+        merge_per_class=config["split"]["merge_per_class"],
+        train_per_task=as_json(config["split"]["train_per_task"]),
+        test_per_task=as_json(config["split"]["test_per_task"]),
+    log:
+        f"{RESULTS}/logs/split/{DATASET}/seed{{seed}}.log",
+    shell:
+        "hetmerge split --data {input:q} --seed {wildcards.seed} --num-tasks {params.num_tasks} "
+        "--merge-per-class {params.merge_per_class} --train-per-task {params.train_per_task:q} "
+        "--test-per-task {params.test_per_task:q} --out {output:q} > {log:q} 2>&1"

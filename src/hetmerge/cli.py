@@ -1,0 +1,292 @@
+"""The `hetmerge` command line: one subcommand per pipeline stage, each usable without Snakemake.
+
+Snakemake rules call these with their slice of the config as JSON, so that a config edit reruns exactly
+the stages whose arguments changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hetmerge.atomic import write_json
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from hetmerge.data import load_dataset, save_prepared
+
+    ds = load_dataset(
+        args.dataset,
+        [Path(r) for r in args.roots],
+        download=args.download,
+        download_root=Path(args.download_root),
+        verify=not args.no_verify,
+    )
+    save_prepared(ds, args.out)
+    print(f"{ds.name}: {len(ds.train_labels)} train / {len(ds.test_labels)} test images of shape {ds.input_shape}")
+
+
+def cmd_split(args: argparse.Namespace) -> None:
+    from hetmerge.data import load_prepared, make_class_disjoint_split, save_split
+
+    ds = load_prepared(args.data)
+    split = make_class_disjoint_split(
+        ds.train_labels,
+        ds.test_labels,
+        ds.num_classes,
+        args.num_tasks,
+        args.seed,
+        merge_per_class=args.merge_per_class,
+        train_per_task=args.train_per_task,
+        test_per_task=args.test_per_task,
+        dataset=ds.name,
+    )
+    save_split(split, args.out)
+    for task in split.tasks:
+        print(f"task {task.name}: classes {list(task.classes)}, {len(split.train_indices[task.name])} train images")
+
+
+def _setup(threads: int, device: str) -> Any:
+    import torch
+
+    from hetmerge.devices import select_device
+
+    torch.set_num_threads(threads)
+    return select_device(device)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from hetmerge.checkpoint import save_model
+    from hetmerge.data import load_prepared, load_split
+    from hetmerge.models import build_model
+    from hetmerge.params import as_dict, parse_params
+    from hetmerge.provenance import provenance
+    from hetmerge.training import TrainSettings, make_deterministic, train_model
+
+    device = _setup(args.threads, args.device)
+    ds, split = load_prepared(args.data), load_split(args.split)
+    settings = parse_params(TrainSettings, args.train, "training settings")
+    make_deterministic(args.seed, device)
+    task = split.task(args.task)
+    model = build_model(args.model["family"], args.model.get("spec"), ds.input_shape, {task.name: len(task.classes)})
+    resume = Path(args.resume_dir) / (Path(args.out).name + ".resume") if args.resume_dir else None
+    t0 = time.perf_counter()
+    history = train_model(model, ds, split, task.name, settings, args.seed, device, resume)
+    info = {
+        "dataset": ds.name,
+        "split_seed": split.seed,
+        "task": task.name,
+        "classes": list(task.classes),
+        "seed": args.seed,
+        "train": as_dict(settings),
+        "history": history,
+        "train_seconds": round(time.perf_counter() - t0, 3),
+        "provenance": provenance(device),
+    }
+    save_model(model, args.out, info)
+    if resume is not None:
+        resume.unlink(missing_ok=True)
+
+
+def _merge_batches(ds: Any, split: Any, batch_size: int, device: Any) -> Any:
+    from hetmerge.data import iterate_batches
+
+    def passes() -> Any:
+        for x, _ in iterate_batches(
+            ds.train_images, ds.train_labels, split.merge_indices, batch_size, ds.mean, ds.std, device=device
+        ):
+            yield x
+
+    return passes
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from hetmerge.checkpoint import load_base_model, save_model
+    from hetmerge.data import load_prepared, load_split
+    from hetmerge.methods import MergeContext, build_method
+    from hetmerge.params import as_dict
+    from hetmerge.provenance import provenance
+
+    device = _setup(args.threads, args.device)
+    method = build_method(args.method, args.params)
+    ds, split = load_prepared(args.data), load_split(args.split)
+    models = [load_base_model(path)[0] for path in args.models]
+    ctx = MergeContext(device=device, batches=_merge_batches(ds, split, args.batch_size, device), seed=args.seed)
+    t0 = time.perf_counter()
+    merged = method(models, ctx)
+    info = {
+        "method": args.method,
+        "params": as_dict(method.params),
+        "sources": [str(p) for p in args.models],
+        "merge_seconds": round(time.perf_counter() - t0, 3),
+        "provenance": provenance(device),
+    }
+    save_model(merged, args.out, info)
+    print(f"{args.method}: merged {len(models)} models in {info['merge_seconds']:.2f}s")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from hetmerge.checkpoint import load_model
+    from hetmerge.data import load_prepared, load_split
+    from hetmerge.evaluation import accuracies, cost
+    from hetmerge.provenance import provenance
+
+    device = _setup(args.threads, args.device)
+    ds, split = load_prepared(args.data), load_split(args.split)
+    model, meta = load_model(args.model)
+    model.to(device)
+    t0 = time.perf_counter()
+    metrics = accuracies(model, ds, split, args.batch_size, device)
+    metrics.update(cost(model, ds.input_shape))
+    info = meta["info"]
+    record = {
+        **args.record,
+        "metrics": metrics,
+        "split_seed": split.seed,
+        "tasks": {t.name: list(t.classes) for t in split.tasks},
+        "source": {k: info.get(k) for k in ("method", "params", "seed", "task", "train") if k in info},
+        "timings": {
+            "eval_seconds": round(time.perf_counter() - t0, 3),
+            **{k: info[k] for k in ("train_seconds", "merge_seconds") if k in info},
+        },
+        "provenance": provenance(device),
+    }
+    write_json(args.out, record)
+    tasks = ", ".join(f"{t} {'--' if a is None else f'{100 * a:.1f}'}" for t, a in metrics["tasks"].items())
+    print(f"joint {100 * metrics['joint']:.1f}; {tasks}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from hetmerge.report import build_report
+
+    records = []
+    for path in args.results:
+        with open(path) as handle:
+            records.append(json.load(handle))
+    written = build_report(records, Path(args.out_dir), title=args.title, method_order=args.method_order)
+    print(f"wrote {len(written)} files under {args.out_dir}")
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from hetmerge.methods import REGISTRY
+
+    for name, cls in sorted(REGISTRY.items()):
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))
+        print(f"{name}: {fields}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from hetmerge.checkpoint import load_tensors
+
+    tensors, meta = load_tensors(args.file)
+    meta["tensors"] = {k: list(v.shape) for k, v in sorted(tensors.items())}
+    json.dump(meta, sys.stdout, indent=2, sort_keys=True)
+    print()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hetmerge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def device_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", help="auto (a free GPU if any, else CPU), cpu, or cuda:N")
+        p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+
+    p = sub.add_parser("data", help="find or download a dataset and store it prepared")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--roots", nargs="*", default=[], help="local directories searched before downloading")
+    p.add_argument("--download-root", default="data")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--no-verify", action="store_true", help="skip MD5 checks of local files")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("split", help="draw class-disjoint tasks and a held-out merge slice")
+    p.add_argument("--data", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--num-tasks", type=int, default=2)
+    p.add_argument("--merge-per-class", type=int, required=True)
+    p.add_argument("--train-per-task", type=_json, default=None, help="integer or null (all)")
+    p.add_argument("--test-per-task", type=_json, default=None, help="integer or null (all)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("train", help="train one model on one task")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--model", type=_json, required=True, help='JSON: {"family": ..., "spec": {...}}')
+    p.add_argument("--train", type=_json, default={}, help="JSON training settings")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--resume-dir", default=None, help="where per-epoch training state is kept")
+    p.add_argument("--out", required=True)
+    device_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", help="merge trained models with a registered method")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--models", nargs="+", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--params", type=_json, default={})
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    device_args(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("evaluate", help="joint and per-task accuracy, parameters and FLOPs")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--record", type=_json, default={}, help="JSON fields copied into the result")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--out", required=True)
+    device_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="LaTeX tables, figures and main.tex from result JSON files")
+    p.add_argument("--results", nargs="+", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--title", default="hetmerge results")
+    p.add_argument("--method-order", nargs="*", default=[])
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("methods", help="list registered merge methods and their parameters")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("inspect", help="print a checkpoint's metadata and tensor shapes")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, RuntimeError, OSError, TimeoutError) as err:
+        if os.environ.get("HETMERGE_DEBUG"):
+            raise
+        print(f"hetmerge {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

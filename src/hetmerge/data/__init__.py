@@ -1,0 +1,43 @@
+"""Datasets, task splits and batching: everything between the raw files and a model's input tensors."""
+
+from hetmerge.data.batches import iterate_batches, make_label_map, normalize
+from hetmerge.data.datasets import (
+    DATASETS,
+    DatasetCorruptError,
+    DatasetInfo,
+    DatasetUnavailableError,
+    ImageDataset,
+    dataset_info,
+    load_dataset,
+    load_prepared,
+    save_prepared,
+)
+from hetmerge.data.splits import (
+    SPLIT_KINDS,
+    Task,
+    TaskSplit,
+    load_split,
+    make_class_disjoint_split,
+    save_split,
+)
+
+__all__ = [
+    "DATASETS",
+    "SPLIT_KINDS",
+    "DatasetCorruptError",
+    "DatasetInfo",
+    "DatasetUnavailableError",
+    "ImageDataset",
+    "Task",
+    "TaskSplit",
+    "dataset_info",
+    "iterate_batches",
+    "load_dataset",
+    "load_prepared",
+    "load_split",
+    "make_class_disjoint_split",
+    "make_label_map",
+    "normalize",
+    "save_prepared",
+    "save_split",
+]

@@ -1,0 +1,112 @@
+"""Metrics of the ZipIt! family: per-task accuracy, joint accuracy over all classes, parameters and FLOPs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from hetmerge.data import ImageDataset, TaskSplit, iterate_batches
+from hetmerge.merged import UnitMap
+
+Model = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+
+
+@torch.no_grad()
+def predict(model: Model, data: ImageDataset, indices: torch.Tensor, batch_size: int, device: torch.device) -> dict:
+    """Logits of every head on the test images `indices`, concatenated over batches."""
+    outputs: dict[str, list[torch.Tensor]] = {}
+    batches = iterate_batches(
+        data.test_images, data.test_labels, indices, batch_size, data.mean, data.std, device=device
+    )
+    for x, _ in batches:
+        for task, logits in model(x).items():
+            outputs.setdefault(task, []).append(logits.float().cpu())
+    return {task: torch.cat(chunks) for task, chunks in outputs.items()}
+
+
+def accuracies(
+    model: Model, data: ImageDataset, split: TaskSplit, batch_size: int, device: torch.device
+) -> dict[str, Any]:
+    """Task accuracy (argmax within the task's own head) and joint accuracy.
+
+    Joint: the logits of all heads the model has are concatenated and the argmax must hit the true class
+    among all classes of all tasks; a model without a head for an image's task can only get it wrong.
+    Task accuracy is None for tasks the model has no head for.
+    """
+    order = [t.name for t in split.tasks]
+    indices = torch.as_tensor([i for t in order for i in split.test_indices[t]], dtype=torch.long)
+    true_class = data.test_labels[indices]
+    logits = predict(model, data, indices, batch_size, device)
+    unknown = sorted(set(logits) - set(order))
+    if unknown:
+        raise ValueError(f"model answers tasks {unknown} that the split does not define ({order})")
+    task_acc: dict[str, float | None] = {}
+    offset = 0
+    for task in split.tasks:
+        n = len(split.test_indices[task.name])
+        rows = slice(offset, offset + n)
+        offset += n
+        if task.name not in logits:
+            task_acc[task.name] = None
+            continue
+        head = logits[task.name]
+        if head.shape[1] != len(task.classes):
+            raise ValueError(
+                f"head {task.name!r} has {head.shape[1]} outputs but the task has {len(task.classes)} classes"
+            )
+        local = torch.as_tensor(task.classes)[head[rows].argmax(1)]
+        task_acc[task.name] = (local == true_class[rows]).float().mean().item()
+    present = [t for t in split.tasks if t.name in logits]
+    joint_classes = torch.as_tensor([c for t in present for c in t.classes])
+    joint_pred = joint_classes[torch.cat([logits[t.name] for t in present], dim=1).argmax(1)]
+    scored = [a for a in task_acc.values() if a is not None]
+    return {
+        "joint": (joint_pred == true_class).float().mean().item(),
+        "tasks": task_acc,
+        "task_avg": sum(scored) / len(scored) if len(scored) == len(task_acc) else None,
+        "n_test": len(indices),
+    }
+
+
+def _macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
+    per_sample_out = output[0].numel()
+    if isinstance(module, nn.Conv2d):
+        return per_sample_out * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+    if isinstance(module, nn.Linear):
+        return per_sample_out * module.in_features
+    if isinstance(module, UnitMap):
+        return per_sample_out * module.weight.shape[1]
+    return 0
+
+
+@torch.no_grad()
+def cost(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """Parameters and multiply-accumulates of one forward pass on one input.
+
+    Only modules that actually run are counted, so a partial zip's unused trunk layers cost nothing.
+    FLOPs follow the papers' (fvcore) convention of one FLOP per multiply-accumulate.
+    """
+    ran: dict[int, nn.Module] = {}
+    total = [0]
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+        ran[id(module)] = module
+        if isinstance(output, torch.Tensor):
+            total[0] += _macs(module, inputs, output)
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    params = sum(p.numel() for m in ran.values() for p in m.parameters(recurse=False))
+    return {"params": int(params), "flops": int(total[0])}

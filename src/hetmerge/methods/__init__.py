@@ -1,0 +1,24 @@
+"""The merge-method registry. Importing this package registers every built-in method."""
+
+from hetmerge.methods import average, ensemble
+from hetmerge.methods.base import (
+    REGISTRY,
+    MergeContext,
+    MergeError,
+    MergeMethod,
+    MethodParams,
+    build_method,
+    register,
+)
+
+__all__ = [
+    "REGISTRY",
+    "MergeContext",
+    "MergeError",
+    "MergeMethod",
+    "MethodParams",
+    "average",
+    "build_method",
+    "ensemble",
+    "register",
+]

@@ -1,0 +1,105 @@
+"""Merge methods are small registered objects with typed parameters, named in the config.
+
+Adding a method = one module with a `MergeMethod` subclass decorated with `@register`. The base class
+owns what every method shares: the model-count check, the compatibility check, and the optional
+BatchNorm reset on the merge slice afterwards.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from hetmerge.batchnorm import reset_batchnorm
+from hetmerge.merged import MergedModel
+from hetmerge.models import MultiTaskNet
+from hetmerge.params import ParameterError, parse_params
+
+
+class MergeError(ValueError):
+    """These models cannot be merged by this method; the message says why."""
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Parameters every method has. `reset_bn` recomputes BatchNorm statistics on the merge slice."""
+
+    reset_bn: bool = True
+
+
+@dataclass
+class MergeContext:
+    """What a method may use besides the models: the merge slice (never the test set) and a device.
+
+    `batches()` starts a fresh pass over the merge slice's input images.
+    """
+
+    device: torch.device
+    batches: Callable[[], Iterable[torch.Tensor]] | None = None
+    seed: int = 0
+
+    def require_batches(self, why: str) -> Callable[[], Iterable[torch.Tensor]]:
+        if self.batches is None:
+            raise MergeError(f"{why} needs data from the merge slice, but no data was given")
+        return self.batches
+
+
+class MergeMethod(abc.ABC):
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    min_models: ClassVar[int] = 2
+    max_models: ClassVar[int | None] = None
+
+    def __init__(self, params: MethodParams) -> None:
+        self.params = params
+
+    def check(self, models: Sequence[MultiTaskNet]) -> None:
+        """Reject inputs this method cannot merge, saying why."""
+        n = len(models)
+        if n < self.min_models or (self.max_models is not None and n > self.max_models):
+            upper = "any number of" if self.max_models is None else f"at most {self.max_models}"
+            raise MergeError(f"method {self.name!r} merges at least {self.min_models} and {upper} models; got {n}")
+
+    @abc.abstractmethod
+    def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
+        """The method itself: build the merged model from the (unchanged) source models."""
+
+    def __call__(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
+        self.check(models)
+        merged = self.combine([m.to(ctx.device).eval() for m in models], ctx).to(ctx.device)
+        if self.params.reset_bn:
+            reset_batchnorm(merged, ctx.require_batches(f"{self.name}: reset_bn")())
+        return merged.eval()
+
+
+def require_same_architecture(method: str, models: Sequence[MultiTaskNet]) -> None:
+    """Methods that combine weights elementwise need one architecture (heads may differ)."""
+    reference = {k: v for k, v in models[0].describe().items() if k != "heads"}
+    for i, model in enumerate(models[1:], start=1):
+        other = {k: v for k, v in model.describe().items() if k != "heads"}
+        if other != reference:
+            raise MergeError(
+                f"method {method!r} needs models of one architecture: model 0 is {reference} but model {i} is {other}"
+            )
+
+
+REGISTRY: dict[str, type[MergeMethod]] = {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    if cls.name in REGISTRY:
+        raise ValueError(f"merge method {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def build_method(name: str, params: Mapping[str, Any] | None = None) -> MergeMethod:
+    """Instantiate a registered method; unknown names or parameters raise errors listing what exists."""
+    if name not in REGISTRY:
+        raise ParameterError(f"unknown merge method {name!r}; available methods: {sorted(REGISTRY)}")
+    cls = REGISTRY[name]
+    return cls(parse_params(cls.Params, params, f"method {name!r}"))

@@ -1,0 +1,24 @@
+"""Ensemble: run every model; each answers with its own heads (the upper reference of merging)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hetmerge.merged import MergedModel
+from hetmerge.methods.base import MergeContext, MergeMethod, MethodParams, register
+from hetmerge.models import MultiTaskNet
+
+
+@dataclass(frozen=True)
+class EnsembleParams(MethodParams):
+    reset_bn: bool = False  # the members are the trained models themselves
+
+
+@register
+class Ensemble(MergeMethod):
+    name = "ensemble"
+    Params = EnsembleParams
+
+    def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
+        return MergedModel(None, list(models), cut=0)

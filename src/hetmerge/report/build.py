@@ -1,0 +1,58 @@
+"""Assemble a report: run every registered table/figure builder, then write results.csv and main.tex.
+
+To add a table or figure, write a function `(ReportData, out_dir) -> list[Artifact]` and add it to
+BUILDERS; main.tex places whatever the builders return, in registry order, under each section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hetmerge.atomic import atomic_open
+from hetmerge.report.aggregate import ReportData, aggregate
+from hetmerge.report.figures import joint_accuracy_figures
+from hetmerge.report.latex import Artifact, accuracy_tables, render_to, summary_tables
+
+Builder = Callable[[ReportData, Path], list[Artifact]]
+
+BUILDERS: dict[str, Builder] = {
+    "summary_tables": summary_tables,
+    "accuracy_tables": accuracy_tables,
+    "joint_accuracy_figures": joint_accuracy_figures,
+}
+
+
+def build_report(
+    records: Sequence[Mapping[str, Any]], out_dir: Path, *, title: str, method_order: Sequence[str] = ()
+) -> list[Path]:
+    """Write tables, figures, results.csv and main.tex under `out_dir`; return the written paths.
+
+    Output depends only on `records`, `title` and `method_order` (no timestamps, sorted iteration), so
+    rerunning on the same records reproduces every file byte for byte.
+    """
+    out_dir = Path(out_dir)
+    data = ReportData(records=tuple(records), frame=aggregate(records, method_order=method_order))
+    artifacts = [artifact for build in BUILDERS.values() for artifact in build(data, out_dir)]
+    written = [path for artifact in artifacts for path in artifact.files]
+    if len(set(written)) != len(written):
+        # Distinct names can share a slug (e.g. "a.b" and "a-b"); one file would silently overwrite another.
+        raise ValueError(f"report builders wrote the same file twice: {sorted(map(str, written))}")
+
+    csv = out_dir / "results.csv"
+    with atomic_open(csv) as handle:
+        data.frame.to_csv(handle, index=False, lineterminator="\n")
+
+    sections: dict[str, list[dict[str, str]]] = {}
+    for artifact in artifacts:
+        sections.setdefault(artifact.section, []).append(
+            {
+                "kind": artifact.kind,
+                "path": artifact.path.relative_to(out_dir).as_posix(),
+                "caption": artifact.caption,
+                "label": artifact.label,
+            }
+        )
+    main_tex = render_to(out_dir / "main.tex", "main.tex.j2", title=title, sections=sections)
+    return [*written, csv, main_tex]

@@ -1,0 +1,286 @@
+"""LaTeX output: the Jinja2 environment, number formatting, the table builders and the compiler call.
+
+Tables are written as self-contained `table` floats so that a paper can `\\input` them unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+import pandas as pd
+
+from hetmerge.atomic import atomic_open, atomic_path
+from hetmerge.report.aggregate import ReportData, methods_in, task_metric, tasks_in
+
+LATEX_PACKAGES = "texlive-latex-base texlive-latex-recommended texlive-latex-extra latexmk"
+"""Debian packages that provide everything main.tex needs."""
+
+_ESCAPES = {
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "\\": r"\textbackslash{}",
+}
+_ESCAPE_PATTERN = re.compile("|".join(map(re.escape, _ESCAPES)))
+_UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
+
+
+class LatexUnavailableError(RuntimeError):
+    """No LaTeX engine is installed; distinct from a failed compile so callers can skip, not fail."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One item that main.tex places in a section.
+
+    A table is a self-contained float that main.tex `\\input`s; a figure is a PDF that main.tex wraps
+    in a float with `caption` and `label`, because an image file cannot carry its own caption.
+    """
+
+    kind: Literal["table", "figure"]
+    section: str
+    path: Path
+    files: tuple[Path, ...]
+    caption: str = ""
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One table row: a data label (escaped by the template) and already formatted LaTeX cells."""
+
+    label: str
+    cells: Sequence[str]
+    rule_before: bool = False
+
+
+def latex_escape(text: object) -> str:
+    """Escape LaTeX special characters, so labels such as `W.Avg & co` or `ZipIt!_{13/20}` print as is."""
+    return _ESCAPE_PATTERN.sub(lambda match: _ESCAPES[match.group()], str(text))
+
+
+def slug(name: str) -> str:
+    """A file-name and `\\label`-safe form of a data name (LaTeX chokes on odd characters in paths)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name)
+
+
+def latex_environment() -> jinja2.Environment:
+    """Jinja2 environment whose delimiters cannot clash with LaTeX braces and `%` comments.
+
+    StrictUndefined turns a misspelt template variable into an error instead of a silently empty cell.
+    """
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("hetmerge.report", "templates"),
+        block_start_string=r"\BLOCK{",
+        block_end_string="}",
+        variable_start_string=r"\VAR{",
+        variable_end_string="}",
+        comment_start_string=r"\#{",
+        comment_end_string="}",
+        line_statement_prefix="%%",
+        line_comment_prefix="%#",
+        autoescape=False,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["latex_escape"] = latex_escape
+    return env
+
+
+def render_to(path: Path, template: str, **context: Any) -> Path:
+    """Render a package template into `path` atomically and return `path`."""
+    text = latex_environment().get_template(template).render(**context)
+    with atomic_open(path) as handle:
+        handle.write(text)
+    return path
+
+
+def format_accuracy(mean: float, std: float, n: int, *, bold: bool = False) -> str:
+    """`48.2 $\\pm$ 1.0` in percent; the mean alone for one value (no spread to show); `--` for none."""
+    if n == 0:
+        return "--"
+    text = f"{100 * mean:.1f}" if n == 1 else f"{100 * mean:.1f} $\\pm$ {100 * std:.1f}"
+    return rf"\textbf{{{text}}}" if bold else text
+
+
+def humanize_count(value: float) -> str:
+    """Parameter/FLOP counts with two significant digits and the unit that keeps them >= 0.1: `0.68G`."""
+    if math.isnan(value):
+        return "--"
+    for scale, suffix in _UNITS:
+        if value >= 0.1 * scale:
+            scaled = value / scale
+            decimals = max(0, 1 - math.floor(math.log10(scaled)))
+            return f"{scaled:.{decimals}f}{suffix}"
+    return f"{value:.0f}"
+
+
+def pairs_phrase(n_pairs: pd.Series) -> str:
+    """Caption fragment saying how many model pairs the numbers summarise."""
+    low, high = int(n_pairs.min()), int(n_pairs.max())
+    if high == 1:
+        return "from a single model pair"
+    count = str(high) if low == high else f"{low}--{high}"
+    return rf"mean $\pm$ std over {count} model pairs"
+
+
+def accuracy_cells(rows: Sequence[Mapping[str, Any]], metric: str, *, bold_best: bool) -> list[str]:
+    """Format `metric` for each row; with `bold_best`, bold the best merged mean (all ties at display
+    precision, since readers cannot tell apart numbers that print the same)."""
+    # Compare the printed percentages (None: nothing printed, or not a merge, so never bold).
+    printed = [
+        float(f"{100 * row[f'{metric}_mean']:.1f}") if row["kind"] == "merge" and row[f"{metric}_n"] else None
+        for row in rows
+    ]
+    best = max((value for value in printed if value is not None), default=None)
+    return [
+        format_accuracy(
+            row[f"{metric}_mean"],
+            row[f"{metric}_std"],
+            row[f"{metric}_n"],
+            bold=bold_best and value is not None and value == best,
+        )
+        for value, row in zip(printed, rows, strict=True)
+    ]
+
+
+def kind_rules(kinds: Sequence[str]) -> list[bool]:
+    """A `\\midrule` wherever the row kind changes, separating base models from merges."""
+    return [i > 0 and kind != kinds[i - 1] for i, kind in enumerate(kinds)]
+
+
+def accuracy_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
+    """Per (dataset, arch): Params, FLOPs, Joint, each task and Avg for every method."""
+    artifacts = []
+    for (dataset, arch), table in data.frame.groupby(["dataset", "arch"], sort=True):
+        rows = table.to_dict("records")
+        tasks = tasks_in(table)
+        metrics = ["joint", *(task_metric(task) for task in tasks), "task_avg"]
+        columns_by_metric = [accuracy_cells(rows, metric, bold_best=metric == "joint") for metric in metrics]
+        rules = kind_rules([row["kind"] for row in rows])
+        table_rows = [
+            TableRow(
+                label=row["label"],
+                cells=[
+                    humanize_count(row["params_mean"]),
+                    humanize_count(row["flops_mean"]),
+                    *(cells[i] for cells in columns_by_metric),
+                ],
+                rule_before=rules[i],
+            )
+            for i, row in enumerate(rows)
+        ]
+        caption = (
+            rf"{latex_escape(dataset)}, {latex_escape(rows[0]['arch_label'])}: accuracy (\%), "
+            f"{pairs_phrase(table['n_pairs'])}. Best merged joint accuracy in bold."
+        )
+        path = render_to(
+            out_dir / "tables" / f"accuracy_{slug(dataset)}_{slug(arch)}.tex",
+            "table.tex.j2",
+            caption=caption,
+            label=f"tab:accuracy-{slug(dataset)}-{slug(arch)}",
+            columns=["Method", "Params", "FLOPs", "Joint", *(f"Task {task}" for task in tasks), "Avg"],
+            rows=table_rows,
+        )
+        artifacts.append(Artifact("table", dataset, path, (path,)))
+    return artifacts
+
+
+def summary_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
+    """Per dataset: joint accuracy of every method (rows) on every architecture (columns)."""
+    artifacts = []
+    for dataset, frame in data.frame.groupby("dataset", sort=True):
+        archs = sorted(frame["arch"].unique())
+        methods = methods_in(frame)
+        by_arch = {arch: frame[frame["arch"] == arch].set_index("method") for arch in archs}
+        cells_by_arch = []
+        for arch in archs:
+            # Methods missing on an architecture become n == 0 rows, printed as `--`.
+            rows = [
+                by_arch[arch].loc[method].to_dict()
+                if method in by_arch[arch].index
+                else {"kind": "", "joint_mean": math.nan, "joint_std": math.nan, "joint_n": 0}
+                for method in methods
+            ]
+            cells_by_arch.append(accuracy_cells(rows, "joint", bold_best=True))
+        first = frame.drop_duplicates("method").set_index("method")
+        rules = kind_rules([first.loc[method, "kind"] for method in methods])
+        table_rows = [
+            TableRow(first.loc[method, "label"], [cells[i] for cells in cells_by_arch], rules[i])
+            for i, method in enumerate(methods)
+        ]
+        caption = (
+            rf"{latex_escape(dataset)}: joint accuracy (\%) of every method and architecture, "
+            f"{pairs_phrase(frame['n_pairs'])}. Best merged result per architecture in bold."
+        )
+        path = render_to(
+            out_dir / "tables" / f"summary_{slug(dataset)}.tex",
+            "table.tex.j2",
+            caption=caption,
+            label=f"tab:summary-{slug(dataset)}",
+            columns=["Method", *(by_arch[arch]["arch_label"].iloc[0] for arch in archs)],
+            rows=table_rows,
+        )
+        artifacts.append(Artifact("table", dataset, path, (path,)))
+    return artifacts
+
+
+def compile_latex(main_tex: Path, timeout_s: float = 120) -> Path:
+    """Compile `main_tex` to PDF next to it and return the PDF path.
+
+    Runs in `main_tex`'s directory (so relative `\\input`/`\\includegraphics` resolve) with auxiliary
+    files in a temporary directory; the PDF is moved into place only on success, so a failed compile
+    never leaves a stale or truncated PDF behind.
+    """
+    main_tex = Path(main_tex).resolve()
+    if shutil.which("latexmk"):
+        engine = ["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error"]
+        runs = 1
+    elif shutil.which("pdflatex"):
+        engine = ["pdflatex", "-interaction=nonstopmode", "-halt-on-error"]
+        runs = 2  # the second pass resolves references
+    else:
+        raise LatexUnavailableError(f"neither latexmk nor pdflatex is on PATH; install {LATEX_PACKAGES}")
+    deadline = time.monotonic() + timeout_s
+    pdf = main_tex.with_suffix(".pdf")
+    with tempfile.TemporaryDirectory(prefix=".latex-", dir=main_tex.parent) as build_dir:
+        command = [*engine, f"-output-directory={build_dir}", main_tex.name]
+        for _ in range(runs):
+            try:
+                result = subprocess.run(
+                    command,
+                    cwd=main_tex.parent,
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    errors="replace",
+                    timeout=max(deadline - time.monotonic(), 1),
+                )
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{engine[0]} on {main_tex} took longer than {timeout_s} s") from None
+            if result.returncode != 0:
+                log = Path(build_dir, main_tex.stem).with_suffix(".log")
+                text = log.read_text(errors="replace") if log.exists() else result.stdout + result.stderr
+                tail = "\n".join(text.splitlines()[-40:])
+                raise RuntimeError(f"{engine[0]} failed on {main_tex} (exit {result.returncode}); log tail:\n{tail}")
+        with atomic_path(pdf) as tmp:
+            shutil.copyfile(Path(build_dir, pdf.name), tmp)
+    return pdf
