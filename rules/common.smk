@@ -68,6 +68,15 @@ def experiment_models(wildcards):
     return [model_path(wildcards.seed, arch, task) for arch, task in zip(exp["models"], TASKS)]
 
 
+def experiment_label(experiment):
+    """The experiment's own label, else its architectures' labels joined by + (one label if homogeneous)."""
+    exp = config["experiments"][experiment]
+    if "label" in exp:
+        return exp["label"]
+    labels = [config["architectures"][a].get("label", a) for a in exp["models"]]
+    return " + ".join(dict.fromkeys(labels))
+
+
 def base_entries():
     """Evaluation rows for the source models themselves: model_a, model_b, ..."""
     return [f"model_{t.lower()}" for t in TASKS]

@@ -20,7 +20,7 @@ def eval_record(wc):
         {
             "dataset": DATASET,
             "arch": wc.experiment,
-            "arch_label": exp.get("label", wc.experiment),
+            "arch_label": experiment_label(wc.experiment),
             "pair": int(wc.seed),
             "method": wc.entry,
             "label": label,

@@ -7,7 +7,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hetmerge.checkpoint import CheckpointError, load_tensors, save_tensors
-from hetmerge.data import ImageDataset, TaskSplit, iterate_batches
+from hetmerge.data import ImageDataset, TaskSplit, iterate_batches, make_label_map
 from hetmerge.models import MultiTaskNet
 from hetmerge.params import as_dict
 
@@ -43,13 +42,6 @@ def lr_at(step: int, steps_per_epoch: int, settings: TrainSettings) -> float:
     if step < warmup:
         return settings.lr * step / warmup
     return settings.lr * max(0.0, (total - step) / max(1.0, total - warmup))
-
-
-def label_lookup(classes: Sequence[int], num_classes: int) -> torch.Tensor:
-    """Map original class ids to a task's local labels 0..k-1 (-1 for other classes)."""
-    lut = torch.full((num_classes,), -1, dtype=torch.long)
-    lut[torch.as_tensor(list(classes), dtype=torch.long)] = torch.arange(len(classes))
-    return lut
 
 
 def make_deterministic(seed: int, device: torch.device) -> None:
@@ -98,7 +90,7 @@ def train_model(
         raise ValueError(f"model has no head for task {task!r} (heads: {list(model.heads)})")
     task_info = split.task(task)
     indices = torch.as_tensor(split.train_indices[task], dtype=torch.long)
-    lut = label_lookup(task_info.classes, data.num_classes)
+    lut = make_label_map(task_info.label_map, data.num_classes)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
