@@ -18,6 +18,7 @@ from hetmerge.batchnorm import reset_batchnorm
 from hetmerge.merged import MergedModel
 from hetmerge.models import MultiTaskNet
 from hetmerge.params import ParameterError, parse_params
+from hetmerge.statistics import SpaceStats, collect_statistics
 
 
 class MergeError(ValueError):
@@ -41,6 +42,19 @@ class MergeContext:
     device: torch.device
     batches: Callable[[], Iterable[torch.Tensor]] | None = None
     seed: int = 0
+    stats: dict[str, SpaceStats] | None = None
+
+    def statistics(self, models: Sequence[MultiTaskNet]) -> dict[str, SpaceStats]:
+        """Activation statistics of every space (given, e.g. by the pipeline's statistics stage, or computed)."""
+        if self.stats is None:
+            self.stats = collect_statistics(models, self.require_batches("activation statistics")())
+        for name, stats in self.stats.items():
+            widths = tuple(m.space_graph()[name].width for m in models)
+            if stats.widths != widths:
+                raise MergeError(
+                    f"statistics of space {name!r} are for widths {stats.widths}, the models have {widths}"
+                )
+        return self.stats
 
     def require_batches(self, why: str) -> Callable[[], Iterable[torch.Tensor]]:
         if self.batches is None:
@@ -53,6 +67,7 @@ class MergeMethod(abc.ABC):
     Params: ClassVar[type[MethodParams]] = MethodParams
     min_models: ClassVar[int] = 2
     max_models: ClassVar[int | None] = None
+    uses_statistics: ClassVar[bool] = False  # the pipeline then feeds it the statistics stage's output
 
     def __init__(self, params: MethodParams) -> None:
         self.params = params

@@ -1,0 +1,59 @@
+"""Shared machinery of methods that merge feature space by feature space (permute, weight matching, ZipIt!)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from hetmerge.matching.transforms import SpaceMerge, apply_merges
+from hetmerge.merged import MergedModel
+from hetmerge.methods.average import union_heads_model
+from hetmerge.methods.base import MergeError, require_same_architecture
+from hetmerge.models import MultiTaskNet
+from hetmerge.spaces import FeatureSpace
+
+
+def check_mergeable(method: str, models: Sequence[MultiTaskNet]) -> None:
+    """Same architecture and no grouped spaces (group matching belongs to MuDSC)."""
+    require_same_architecture(method, models)
+    grouped = [s.name for s in models[0].space_graph().spaces if s.groups > 1]
+    if grouped:
+        raise MergeError(f"method {method!r} cannot keep groups whole in spaces {grouped}; use group matching")
+
+
+def unit_index(model: MultiTaskNet, param: str) -> int | None:
+    """Position in the body of the unit a tensor belongs to (None for heads)."""
+    parts = param.split(".")
+    if parts[0] != "body":
+        return None
+    return list(model.body._modules).index(parts[1])
+
+
+def resolve_cut(model: MultiTaskNet, stop_after: str | None) -> int | None:
+    """`stop_after` names the last body unit of the merged trunk; None merges the whole network."""
+    if stop_after is None:
+        return None
+    units = list(model.body._modules)
+    cuts = model.space_graph().cuts
+    valid = [u for k, u in enumerate(units, start=1) if cuts[k] is not None and k < len(units)]
+    if stop_after not in valid:
+        raise MergeError(f"cannot stop merging after unit {stop_after!r}; valid units: {valid}")
+    return units.index(stop_after) + 1
+
+
+def spaces_before(model: MultiTaskNet, cut: int | None) -> list[FeatureSpace]:
+    """Spaces produced (at least partly) by units before the cut; all spaces when cut is None."""
+    spaces = list(model.space_graph().spaces)
+    if cut is None:
+        return spaces
+    return [s for s in spaces if any((unit_index(model, r.param) or 0) < cut for r in s.producers)]
+
+
+def assemble(models: Sequence[MultiTaskNet], merges: Mapping[str, SpaceMerge], cut: int | None) -> MergedModel:
+    """Merged trunk from the space merges; with a cut, each source model continues after it as a branch."""
+    target = union_heads_model(models)
+    target.load_state_dict(apply_merges(models, merges, target))
+    if cut is None:
+        return MergedModel(target)
+    handover = models[0].space_graph().cuts[cut]
+    unmerge = [u.float() for u in merges[handover].unmerge]
+    return MergedModel(target, list(models), cut, unmerge)

@@ -1,0 +1,37 @@
+"""Git Re-Basin weight matching: every model permuted onto model 0 from weights alone, then averaged."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hetmerge.matching.transforms import SpaceMerge
+from hetmerge.matching.weight_matching import weight_matching
+from hetmerge.merged import MergedModel
+from hetmerge.methods.base import MergeContext, MergeMethod, MethodParams, register
+from hetmerge.methods.spacewise import assemble, check_mergeable
+from hetmerge.models import MultiTaskNet
+
+
+@dataclass(frozen=True)
+class WeightMatchingParams(MethodParams):
+    max_iter: int = 100
+
+
+@register
+class WeightMatching(MergeMethod):
+    name = "weight_matching"
+    Params = WeightMatchingParams
+
+    def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
+        check_mergeable(self.name, models)
+        graph = models[0].space_graph()
+        reference = models[0].state_dict()
+        perms: dict[str, list[torch.Tensor]] = {s.name: [torch.arange(s.width)] for s in graph.spaces}
+        for i, model in enumerate(models[1:], start=1):
+            found, _ = weight_matching(reference, model.state_dict(), graph, self.params.max_iter, ctx.seed + i)
+            for name, perm in found.items():
+                perms[name].append(perm)
+        return assemble(models, {n: SpaceMerge.from_permutations(p) for n, p in perms.items()}, None)
