@@ -9,7 +9,8 @@ which is what keeps a permuted network computing the same function.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -149,3 +150,9 @@ def permute_state(
         for ref in space.axes():
             out[ref.param] = out[ref.param].index_select(ref.axis, perm)
     return out
+
+
+def model_slices(widths: Sequence[int]) -> list[slice]:
+    """Rows of each model when N models' units of one space are concatenated (widths d_1..d_N)."""
+    bounds = list(itertools.accumulate(widths, initial=0))
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]

@@ -31,11 +31,6 @@ class SpaceStats:
         std = self.cov.diagonal().clamp_min(0).sqrt()
         return self.cov / torch.outer(std, std).clamp_min(eps)
 
-    def slices(self) -> list[slice]:
-        """Rows of each model in the concatenated index."""
-        bounds = [0, *torch.tensor(self.widths).cumsum(0).tolist()]
-        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
 
 def _as_units(h: torch.Tensor) -> torch.Tensor:
     """(N, C, ...) → (C, N·...): one column per sample and position."""

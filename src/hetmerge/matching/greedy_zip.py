@@ -68,10 +68,8 @@ def greedy_zip(similarity: torch.Tensor, widths: Sequence[int], alpha: float, be
         j = int(row_arg[i])  # i < j: the first maximum of a symmetric matrix lies above the diagonal
         merges.append((i, j))
         owner[owner == j] = i
-        if alpha > 0:
-            column = torch.minimum(s[:, i], s[:, j]) * alpha
-        else:
-            column = torch.full_like(s[:, i], -torch.inf)
+        # α ≤ 0: the merged unit never merges again (as in the reference code)
+        column = torch.minimum(s[:, i], s[:, j]) * alpha if alpha > 0 else torch.full_like(s[:, i], -torch.inf)
         column[i] = neg_inf
         s[:, i] = column
         s[i, :] = column

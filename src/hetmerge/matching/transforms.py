@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from hetmerge.models import MultiTaskNet
-from hetmerge.spaces import SpaceGraph
+from hetmerge.spaces import SpaceGraph, model_slices
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,10 @@ class SpaceMerge:
         if (sizes == 0).any():
             raise ValueError("a merged unit has no members")
         merge = (assignment / sizes).T
-        rows = torch.tensor([0, *widths]).cumsum(0).tolist()
+        rows = model_slices(widths)
         return cls(
-            tuple(merge[:, a:b].contiguous() for a, b in zip(rows[:-1], rows[1:], strict=True)),
-            tuple(assignment[a:b].contiguous() for a, b in zip(rows[:-1], rows[1:], strict=True)),
+            tuple(merge[:, r].contiguous() for r in rows),
+            tuple(assignment[r].contiguous() for r in rows),
         )
 
     @classmethod
