@@ -1,11 +1,15 @@
 # hetmerge: dataset → base models → merges → evaluation → paper tables and figures, as one DAG.
-# Run:  snakemake --cores 8 --resources gpu=2 all     (see README.md)
+# Run:  snakemake all --cores 8 --resources gpu=2     (see README.md)
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# A --configfile given on the command line replaces the default instead of being merged into it.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
 
 
 validate(config, "config/schema.yaml", set_default=True)

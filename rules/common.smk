@@ -4,7 +4,7 @@ import string
 
 from snakemake.exceptions import WorkflowError
 
-from hetmerge.methods import build_method
+from hetmerge.methods import REGISTRY, build_method
 from hetmerge.models import parse_spec
 from hetmerge.params import ParameterError, as_dict, parse_params
 from hetmerge.training import TrainSettings
@@ -13,7 +13,17 @@ RESULTS = "results"
 DATASET = config["dataset"]["name"]
 COMPUTE = config["compute"]
 SEEDS = config["split"]["seeds"]
-TASKS = list(string.ascii_uppercase[: config["split"]["num_tasks"]])
+
+
+wildcard_constraints:
+    seed=r"\d+",
+    ntasks=r"\d+",
+    task=r"[A-Z]",
+
+
+def tasks_of(experiment):
+    """One task per model of the experiment: A, B, C, ..."""
+    return list(string.ascii_uppercase[: len(config["experiments"][experiment]["models"])])
 
 
 def _check_config():
@@ -35,10 +45,6 @@ def _check_config():
         for method in exp["methods"]:
             if method not in config["methods"]:
                 raise WorkflowError(f"experiments.{name}.methods: unknown method {method!r}")
-        if len(exp["models"]) != len(TASKS):
-            raise WorkflowError(
-                f"experiments.{name}.models lists {len(exp['models'])} models for {len(TASKS)} tasks"
-            )
 
 
 def train_settings(arch):
@@ -55,17 +61,27 @@ def data_path():
     return f"{RESULTS}/data/{DATASET}.safetensors"
 
 
-def split_path(seed):
-    return f"{RESULTS}/splits/{DATASET}/seed{seed}.json"
+def split_path(ntasks, seed):
+    return f"{RESULTS}/splits/{DATASET}/t{ntasks}-s{seed}.json"
 
 
-def model_path(seed, arch, task):
-    return f"{RESULTS}/models/{DATASET}/seed{seed}/{arch}-{task}.safetensors"
+def model_path(ntasks, seed, arch, task):
+    return f"{RESULTS}/models/{DATASET}/t{ntasks}-s{seed}/{arch}-{task}.safetensors"
+
+
+def stats_path(seed, experiment):
+    return f"{RESULTS}/stats/{DATASET}/s{seed}/{experiment}.safetensors"
+
+
+def experiment_split(wildcards):
+    return split_path(len(config["experiments"][wildcards.experiment]["models"]), wildcards.seed)
 
 
 def experiment_models(wildcards):
+    """The experiment's source models of one split seed, in task order."""
     exp = config["experiments"][wildcards.experiment]
-    return [model_path(wildcards.seed, arch, task) for arch, task in zip(exp["models"], TASKS)]
+    n = len(exp["models"])
+    return [model_path(n, wildcards.seed, arch, t) for arch, t in zip(exp["models"], tasks_of(wildcards.experiment))]
 
 
 def experiment_label(experiment):
@@ -77,17 +93,17 @@ def experiment_label(experiment):
     return " + ".join(dict.fromkeys(labels))
 
 
-def base_entries():
+def base_entries(experiment):
     """Evaluation rows for the source models themselves: model_a, model_b, ..."""
-    return [f"model_{t.lower()}" for t in TASKS]
+    return [f"model_{t.lower()}" for t in tasks_of(experiment)]
 
 
 def eval_entries(experiment):
-    return base_entries() + list(config["experiments"][experiment]["methods"])
+    return base_entries(experiment) + list(config["experiments"][experiment]["methods"])
 
 
 def eval_path(seed, experiment, entry):
-    return f"{RESULTS}/eval/{DATASET}/seed{seed}/{experiment}/{entry}.json"
+    return f"{RESULTS}/eval/{DATASET}/s{seed}/{experiment}/{entry}.json"
 
 
 def all_eval_paths():
@@ -104,14 +120,26 @@ def report_outputs():
     outputs = [f"{paper}/main.tex", f"{paper}/results.csv", f"{paper}/tables/summary_{DATASET}.tex"]
     outputs += [f"{paper}/tables/accuracy_{DATASET}_{exp}.tex" for exp in config["experiments"]]
     outputs += [f"{paper}/figures/joint_accuracy_{DATASET}.{ext}" for ext in ("pdf", "png")]
+    outputs += [
+        f"{paper}/figures/partial_zip_{DATASET}_{exp}.{ext}"
+        for exp, entry in config["experiments"].items()
+        if any(config["methods"][m]["method"] == "zipit" for m in entry["methods"])
+        for ext in ("pdf", "png")
+    ]
     return outputs
 
 
 def method_order():
-    order = base_entries()
+    order = []
+    for name, exp in config["experiments"].items():
+        order += [m for m in base_entries(name) if m not in order]
     for exp in config["experiments"].values():
         order += [m for m in exp["methods"] if m not in order]
     return order
+
+
+def uses_statistics(method_key):
+    return REGISTRY[config["methods"][method_key]["method"]].uses_statistics
 
 
 _check_config()

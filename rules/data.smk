@@ -19,15 +19,14 @@ rule split:
     input:
         data_path(),
     output:
-        f"{RESULTS}/splits/{DATASET}/seed{{seed}}.json",
+        split_path("{ntasks}", "{seed}"),
     params:
-        num_tasks=config["split"]["num_tasks"],
         merge_per_class=config["split"]["merge_per_class"],
         train_per_task=as_json(config["split"]["train_per_task"]),
         test_per_task=as_json(config["split"]["test_per_task"]),
     log:
-        f"{RESULTS}/logs/split/{DATASET}/seed{{seed}}.log",
+        f"{RESULTS}/logs/split/{DATASET}/t{{ntasks}}-s{{seed}}.log",
     shell:
-        "hetmerge split --data {input:q} --seed {wildcards.seed} --num-tasks {params.num_tasks} "
+        "hetmerge split --data {input:q} --seed {wildcards.seed} --num-tasks {wildcards.ntasks} "
         "--merge-per-class {params.merge_per_class} --train-per-task {params.train_per_task:q} "
         "--test-per-task {params.test_per_task:q} --out {output:q} > {log:q} 2>&1"

@@ -2,9 +2,9 @@ def evaluated_model(wc):
     """A merge output, or for the model_a/model_b/... rows the source model itself."""
     if wc.entry.startswith("model_"):
         task = wc.entry.removeprefix("model_").upper()
-        arch = config["experiments"][wc.experiment]["models"][TASKS.index(task)]
-        return model_path(wc.seed, arch, task)
-    return f"{RESULTS}/merges/{DATASET}/seed{wc.seed}/{wc.experiment}/{wc.entry}.safetensors"
+        models = config["experiments"][wc.experiment]["models"]
+        return model_path(len(models), wc.seed, models[tasks_of(wc.experiment).index(task)], task)
+    return f"{RESULTS}/merges/{DATASET}/s{wc.seed}/{wc.experiment}/{wc.entry}.safetensors"
 
 
 def eval_record(wc):
@@ -12,10 +12,11 @@ def eval_record(wc):
     exp = config["experiments"][wc.experiment]
     if wc.entry.startswith("model_"):
         task = wc.entry.removeprefix("model_").upper()
-        kind, label, slice_ = "base", f"Model {task}", {"architecture": exp["models"][TASKS.index(task)]}
+        kind, label, slice_ = "base", f"Model {task}", {"architecture": exp["models"][tasks_of(wc.experiment).index(task)]}
     else:
         entry = config["methods"][wc.entry]
-        kind, label, slice_ = "merge", entry.get("label", wc.entry), entry
+        kind = "ensemble" if entry["method"] == "ensemble" else "merge"
+        label, slice_ = entry.get("label", wc.entry), entry
     return as_json(
         {
             "dataset": DATASET,
@@ -34,17 +35,17 @@ rule evaluate:
     """Joint and per-task test accuracy, parameters and FLOPs of one model or merge."""
     input:
         data=data_path(),
-        split=split_path("{seed}"),
+        split=experiment_split,
         model=evaluated_model,
     output:
-        f"{RESULTS}/eval/{DATASET}/seed{{seed}}/{{experiment}}/{{entry}}.json",
+        eval_path("{seed}", "{experiment}", "{entry}"),
     params:
         record=eval_record,
         batch_size=COMPUTE["eval_batch_size"],
         device=COMPUTE["device"],
     threads: 1
     log:
-        f"{RESULTS}/logs/evaluate/{DATASET}/seed{{seed}}/{{experiment}}/{{entry}}.log",
+        f"{RESULTS}/logs/evaluate/{DATASET}/s{{seed}}/{{experiment}}/{{entry}}.log",
     shell:
         "hetmerge evaluate --data {input.data:q} --split {input.split:q} --model {input.model:q} "
         "--record {params.record:q} --batch-size {params.batch_size} --device {params.device} "

@@ -1,22 +1,49 @@
-rule merge:
-    """Merge one experiment's models of one split seed with one configured method."""
+rule statistics:
+    """Activation extraction: mean and covariance of every feature space of an experiment's models."""
     input:
         data=data_path(),
-        split=split_path("{seed}"),
+        split=experiment_split,
         models=experiment_models,
     output:
-        f"{RESULTS}/merges/{DATASET}/seed{{seed}}/{{experiment}}/{{method}}.safetensors",
+        stats_path("{seed}", "{experiment}"),
     params:
-        method=lambda wc: config["methods"][wc.method]["method"],
-        params=lambda wc: as_json(config["methods"][wc.method]["params"]),
         batch_size=COMPUTE["merge_batch_size"],
         device=COMPUTE["device"],
     threads: 1
     log:
-        f"{RESULTS}/logs/merge/{DATASET}/seed{{seed}}/{{experiment}}/{{method}}.log",
+        f"{RESULTS}/logs/statistics/{DATASET}/s{{seed}}/{{experiment}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/merge/{DATASET}/seed{{seed}}/{{experiment}}/{{method}}.tsv"
+        f"{RESULTS}/benchmarks/statistics/{DATASET}/s{{seed}}/{{experiment}}.tsv"
+    shell:
+        "hetmerge statistics --data {input.data:q} --split {input.split:q} --models {input.models:q} "
+        "--batch-size {params.batch_size} --device {params.device} --threads {threads} --out {output:q} > {log:q} 2>&1"
+
+
+def merge_inputs(wc):
+    inputs = {"data": data_path(), "split": experiment_split(wc), "models": experiment_models(wc)}
+    if uses_statistics(wc.method):
+        inputs["stats"] = stats_path(wc.seed, wc.experiment)
+    return inputs
+
+
+rule merge:
+    """Merge one experiment's models of one split seed with one configured method."""
+    input:
+        unpack(merge_inputs),
+    output:
+        f"{RESULTS}/merges/{DATASET}/s{{seed}}/{{experiment}}/{{method}}.safetensors",
+    params:
+        method=lambda wc: config["methods"][wc.method]["method"],
+        params=lambda wc: as_json(config["methods"][wc.method]["params"]),
+        stats=lambda wc, input: f"--stats {input.stats}" if "stats" in input.keys() else "",
+        batch_size=COMPUTE["merge_batch_size"],
+        device=COMPUTE["device"],
+    threads: 1
+    log:
+        f"{RESULTS}/logs/merge/{DATASET}/s{{seed}}/{{experiment}}/{{method}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/merge/{DATASET}/s{{seed}}/{{experiment}}/{{method}}.tsv"
     shell:
         "hetmerge merge --data {input.data:q} --split {input.split:q} --models {input.models:q} "
-        "--method {params.method} --params {params.params:q} --batch-size {params.batch_size} "
+        "--method {params.method} --params {params.params:q} {params.stats} --batch-size {params.batch_size} "
         "--seed {wildcards.seed} --device {params.device} --threads {threads} --out {output:q} > {log:q} 2>&1"

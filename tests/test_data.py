@@ -357,9 +357,14 @@ def test_split_subsampling_fills_from_other_classes() -> None:
             assert counts[0] == 2  # all that is left after the merge slice
 
 
+def test_split_uneven_tasks_as_equal_as_possible() -> None:
+    sizes = [len(t.classes) for t in split_of(num_tasks=3).tasks]
+    assert sizes == [4, 3, 3]
+
+
 def test_split_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="10 classes cannot be split into 3"):
-        split_of(num_tasks=3)
+    with pytest.raises(ValueError, match="10 classes cannot be split into 11"):
+        split_of(num_tasks=11)
     with pytest.raises(ValueError, match="merge_per_class=50"):
         split_of(merge_per_class=50)
     with pytest.raises(ValueError, match=r"train_per_task.*only 225 are available"):

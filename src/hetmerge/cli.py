@@ -113,23 +113,43 @@ def _merge_batches(ds: Any, split: Any, batch_size: int, device: Any) -> Any:
     return passes
 
 
+def cmd_statistics(args: argparse.Namespace) -> None:
+    from hetmerge.checkpoint import load_base_model
+    from hetmerge.data import load_prepared, load_split
+    from hetmerge.statistics import collect_statistics, save_statistics
+
+    device = _setup(args.threads, args.device)
+    ds, split = load_prepared(args.data), load_split(args.split)
+    models = [load_base_model(path)[0].to(device) for path in args.models]
+    t0 = time.perf_counter()
+    stats = collect_statistics(models, _merge_batches(ds, split, args.batch_size, device)())
+    save_statistics(stats, args.out)
+    seconds = time.perf_counter() - t0
+    print(f"statistics of {len(stats)} spaces over {len(split.merge_indices)} images in {seconds:.2f}s")
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     from hetmerge.checkpoint import load_base_model, save_model
     from hetmerge.data import load_prepared, load_split
     from hetmerge.methods import MergeContext, build_method
     from hetmerge.params import as_dict
     from hetmerge.provenance import provenance
+    from hetmerge.statistics import load_statistics
 
     device = _setup(args.threads, args.device)
     method = build_method(args.method, args.params)
     ds, split = load_prepared(args.data), load_split(args.split)
     models = [load_base_model(path)[0] for path in args.models]
-    ctx = MergeContext(device=device, batches=_merge_batches(ds, split, args.batch_size, device), seed=args.seed)
+    stats = load_statistics(args.stats) if args.stats else None
+    batches = _merge_batches(ds, split, args.batch_size, device)
+    ctx = MergeContext(device=device, batches=batches, seed=args.seed, stats=stats)
     t0 = time.perf_counter()
     merged = method(models, ctx)
     info = {
         "method": args.method,
         "params": as_dict(method.params),
+        "cut": merged.cut if len(merged.branches) else None,
+        "units": len(models[0].body),
         "sources": [str(p) for p in args.models],
         "merge_seconds": round(time.perf_counter() - t0, 3),
         "provenance": provenance(device),
@@ -157,7 +177,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         "metrics": metrics,
         "split_seed": split.seed,
         "tasks": {t.name: list(t.classes) for t in split.tasks},
-        "source": {k: info.get(k) for k in ("method", "params", "seed", "task", "train") if k in info},
+        "source": {k: info[k] for k in ("method", "params", "cut", "units", "seed", "task", "train") if k in info},
         "timings": {
             "eval_seconds": round(time.perf_counter() - t0, 3),
             **{k: info[k] for k in ("train_seconds", "merge_seconds") if k in info},
@@ -238,12 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     device_args(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("statistics", help="activation mean/covariance of every feature space on the merge slice")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--models", nargs="+", required=True)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", required=True)
+    device_args(p)
+    p.set_defaults(func=cmd_statistics)
+
     p = sub.add_parser("merge", help="merge trained models with a registered method")
     p.add_argument("--data", required=True)
     p.add_argument("--split", required=True)
     p.add_argument("--models", nargs="+", required=True)
     p.add_argument("--method", required=True)
     p.add_argument("--params", type=_json, default={})
+    p.add_argument("--stats", default=None, help="statistics file from `hetmerge statistics` (else computed)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)

@@ -6,6 +6,7 @@ lets every consumer normalise and augment on the device of its choice.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -15,15 +16,17 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-import torchvision.datasets as tvd
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hetmerge.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from torchvision.datasets import CIFAR10, MNIST, VisionDataset
 
 PathLike = str | os.PathLike[str]
 
@@ -125,7 +128,7 @@ def dataset_info(name: str) -> DatasetInfo:
 class _Source:
     """The official files of one dataset, the layouts they may be found in, and how to fetch them."""
 
-    torchvision_class: type[tvd.VisionDataset]
+    torchvision_class: type[VisionDataset]
     subdirs: tuple[str, ...]  # searched under every root before the root itself (flat layout)
     files: dict[str, tuple[str, ...]]  # logical file -> accepted names (first = the name torchvision uses)
     md5: dict[str, str]  # accepted file name -> official MD5
@@ -159,7 +162,7 @@ _IDX_RAW_MD5 = {
 }
 
 
-def _idx_source(name: str, cls: type[tvd.MNIST], extra_subdir: str, mean: float, std: float) -> _Source:
+def _idx_source(name: str, cls: type[MNIST], extra_subdir: str, mean: float, std: float) -> _Source:
     md5 = {filename: digest for filename, digest in cls.resources} | _IDX_RAW_MD5[name]
     return _Source(
         torchvision_class=cls,
@@ -171,7 +174,7 @@ def _idx_source(name: str, cls: type[tvd.MNIST], extra_subdir: str, mean: float,
     )
 
 
-def _cifar_source(cls: type[tvd.CIFAR10], mean: tuple[float, ...], std: tuple[float, ...]) -> _Source:
+def _cifar_source(cls: type[CIFAR10], mean: tuple[float, ...], std: tuple[float, ...]) -> _Source:
     listed = [*cls.train_list, *cls.test_list, [cls.meta["filename"], cls.meta["md5"]]]
     return _Source(
         torchvision_class=cls,
@@ -183,16 +186,24 @@ def _cifar_source(cls: type[tvd.CIFAR10], mean: tuple[float, ...], std: tuple[fl
     )
 
 
-_SOURCES: dict[str, _Source] = {
-    # "fashion-mnist"/"mnist" subdirectories: Debian installs /usr/share/datasets/fashion-mnist.
-    "fashion_mnist": _idx_source("fashion_mnist", tvd.FashionMNIST, "fashion-mnist", 0.2860, 0.3530),
-    "mnist": _idx_source("mnist", tvd.MNIST, "mnist", 0.1307, 0.3081),
-    "cifar10": _cifar_source(tvd.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": _cifar_source(tvd.CIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
+@functools.cache
+def _sources() -> dict[str, _Source]:
+    """Built on first use: importing torchvision costs seconds, and most jobs only read prepared data."""
+    import torchvision.datasets as tvd
 
-# Every official checksum -> (dataset, file), so that a mismatch can say "this is MNIST, not Fashion-MNIST".
-_KNOWN_MD5 = {digest: (name, filename) for name, src in _SOURCES.items() for filename, digest in src.md5.items()}
+    return {
+        # "fashion-mnist"/"mnist" subdirectories: Debian installs /usr/share/datasets/fashion-mnist.
+        "fashion_mnist": _idx_source("fashion_mnist", tvd.FashionMNIST, "fashion-mnist", 0.2860, 0.3530),
+        "mnist": _idx_source("mnist", tvd.MNIST, "mnist", 0.1307, 0.3081),
+        "cifar10": _cifar_source(tvd.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        "cifar100": _cifar_source(tvd.CIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    }
+
+
+@functools.cache
+def _known_md5() -> dict[str, tuple[str, str]]:
+    """Every official checksum -> (dataset, file), so a mismatch can say "this is MNIST, not Fashion-MNIST"."""
+    return {digest: (name, filename) for name, src in _sources().items() for filename, digest in src.md5.items()}
 
 
 def _md5(data: bytes) -> str:
@@ -203,8 +214,8 @@ def _check_md5(path: Path, data: bytes, expected: str, what: str) -> None:
     got = _md5(data)
     if got == expected:
         return
-    if got in _KNOWN_MD5:
-        (other, filename), (wanted, wanted_file) = _KNOWN_MD5[got], _KNOWN_MD5[expected]
+    if got in _known_md5():
+        (other, filename), (wanted, wanted_file) = _known_md5()[got], _known_md5()[expected]
         raise DatasetCorruptError(
             f"{path}: {what} is the official {other} file {filename}, not {wanted}'s {wanted_file}: the "
             "files are mixed up or this directory holds a different dataset; give each dataset its own."
@@ -258,7 +269,7 @@ def _parse_idx(path: Path, data: bytes, ndim: int) -> np.ndarray:
 
 
 def _read_idx_dataset(name: str, directory: Path, names: dict[str, str], verify: bool) -> ImageDataset:
-    src = _SOURCES[name]
+    src = _sources()[name]
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images_path = directory / names[f"{prefix}-images-idx3-ubyte"]
@@ -312,8 +323,8 @@ def _cifar_batch(path: Path, src: _Source, label_key: bytes, verify: bool) -> tu
 
 
 def _read_cifar_dataset(name: str, directory: Path, names: dict[str, str], verify: bool) -> ImageDataset:
-    src = _SOURCES[name]
-    cls = cast(type[tvd.CIFAR10], src.torchvision_class)  # CIFAR100 derives from CIFAR10
+    src = _sources()[name]
+    cls = cast("type[CIFAR10]", src.torchvision_class)  # CIFAR100 derives from CIFAR10
     label_key = b"labels" if name == "cifar10" else b"fine_labels"
     parts = {}
     for split, listed in (("train", cls.train_list), ("test", cls.test_list)):
@@ -381,14 +392,14 @@ def _load_digits() -> ImageDataset:
 
 
 def _candidate_dirs(name: str, roots: Sequence[Path]) -> list[Path]:
-    src = _SOURCES[name]
+    src = _sources()[name]
     return [directory for root in roots for directory in (*(root / sub for sub in src.subdirs), root)]
 
 
 def _find_files(name: str, directory: Path) -> tuple[dict[str, str], list[str]]:
     """Map each logical file of `name` to the accepted name present in `directory`; list those absent."""
     found, missing = {}, []
-    for logical, accepted in _SOURCES[name].files.items():
+    for logical, accepted in _sources()[name].files.items():
         present = next((n for n in accepted if (directory / n).is_file()), None)
         if present is None:
             missing.append(logical)
@@ -412,7 +423,7 @@ def _search(name: str, roots: Sequence[Path]) -> tuple[Path | None, dict[str, st
 def _download(name: str, download_root: Path) -> None:
     """Fetch the official archives with torchvision, which checks their MD5s before unpacking."""
     download_root.mkdir(parents=True, exist_ok=True)
-    _SOURCES[name].torchvision_class(root=str(download_root), train=True, download=True)
+    _sources()[name].torchvision_class(root=str(download_root), train=True, download=True)
 
 
 def load_dataset(
@@ -454,7 +465,7 @@ def _unavailable(
     name: str, roots: Sequence[Path], download_root: Path, notes: Sequence[str]
 ) -> DatasetUnavailableError:
     searched = "\n".join(f"  {d}" for d in _candidate_dirs(name, roots))
-    files = ", ".join(" or ".join(accepted) for accepted in _SOURCES[name].files.values())
+    files = ", ".join(" or ".join(accepted) for accepted in _sources()[name].files.values())
     return DatasetUnavailableError(
         "\n".join(
             [

@@ -216,7 +216,10 @@ def make_class_disjoint_split(
     test_per_task: int | None,
     dataset: str,
 ) -> TaskSplit:
-    """Give each task a disjoint, equally sized random set of classes, and hold out a merge slice.
+    """Give each task a disjoint random set of classes, and hold out a merge slice.
+
+    Tasks get equally many classes where the count divides (10 → 5+5, 100 → 50+50), else as equal as
+    possible with the larger tasks first (10 classes into 3 tasks → 4+3+3).
 
     The rng is consumed in a fixed order (class permutation, then per-class train shuffles, then per-class
     test shuffles), so the class assignment and the merge slice do not change with `train_per_task` or
@@ -224,8 +227,8 @@ def make_class_disjoint_split(
     """
     if not 1 <= num_tasks <= len(string.ascii_uppercase):
         raise ValueError(f"num_tasks must be between 1 and {len(string.ascii_uppercase)}, got {num_tasks}")
-    if num_classes < num_tasks or num_classes % num_tasks:
-        raise ValueError(f"{num_classes} classes cannot be split into {num_tasks} equal tasks")
+    if num_classes < num_tasks:
+        raise ValueError(f"{num_classes} classes cannot be split into {num_tasks} tasks")
     if merge_per_class < 0:
         raise ValueError(f"merge_per_class must be >= 0, got {merge_per_class}")
     labels = {}
@@ -236,7 +239,7 @@ def make_class_disjoint_split(
         labels[split] = arr.astype(np.int64)
 
     rng = np.random.default_rng(seed)
-    groups = rng.permutation(num_classes).reshape(num_tasks, -1)
+    groups = np.array_split(rng.permutation(num_classes), num_tasks)
     tasks = tuple(
         Task(name=string.ascii_uppercase[i], classes=tuple(sorted(group.tolist()))) for i, group in enumerate(groups)
     )

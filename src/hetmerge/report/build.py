@@ -12,7 +12,7 @@ from typing import Any
 
 from hetmerge.atomic import atomic_open
 from hetmerge.report.aggregate import ReportData, aggregate
-from hetmerge.report.figures import joint_accuracy_figures
+from hetmerge.report.figures import joint_accuracy_figures, partial_zip_figures
 from hetmerge.report.latex import Artifact, accuracy_tables, render_to, summary_tables
 
 Builder = Callable[[ReportData, Path], list[Artifact]]
@@ -21,6 +21,7 @@ BUILDERS: dict[str, Builder] = {
     "summary_tables": summary_tables,
     "accuracy_tables": accuracy_tables,
     "joint_accuracy_figures": joint_accuracy_figures,
+    "partial_zip_figures": partial_zip_figures,
 }
 
 

@@ -104,3 +104,56 @@ def _joint_accuracy_bars(frame: pd.DataFrame) -> Figure:
     ax.set_ylabel("Joint accuracy (%)")
     ax.legend(handles=legend, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(legend), 4))
     return fig
+
+
+def partial_zip_figures(data: ReportData, out_dir: Path) -> list[Artifact]:
+    """Per dataset and architecture with ZipIt! rows: joint accuracy against how much of the network is zipped.
+
+    x is the fraction of body units merged (1 = full zip); the ensemble and the base models are drawn as
+    horizontal reference lines.
+    """
+    points: dict[tuple[str, str], dict[str, list]] = {}
+    for record in data.records:
+        source = record.get("source", {})
+        if source.get("method") != "zipit":
+            continue
+        cut = source.get("cut")
+        x = 1.0 if cut is None else cut / source["units"]
+        key = (record["dataset"], record["arch"])
+        points.setdefault(key, {}).setdefault(x, []).append(100 * record["metrics"]["joint"])
+    artifacts = []
+    for (dataset, arch), by_x in sorted(points.items()):
+        frame = data.frame[(data.frame["dataset"] == dataset) & (data.frame["arch"] == arch)]
+        with matplotlib.rc_context(fname=RC_FILE):
+            fig = _partial_zip_curve(by_x, frame)
+            pdf, png = save_figure(fig, out_dir / "figures" / f"partial_zip_{slug(dataset)}_{slug(arch)}")
+        arch_label = latex_escape(frame["arch_label"].iloc[0])
+        caption = (
+            rf"{latex_escape(dataset)}, {arch_label}: joint accuracy (\%) of ZipIt! against the fraction of the "
+            r"network that is zipped (mean $\pm$ std over model pairs), with the ensemble and the base models "
+            "as reference lines."
+        )
+        label = f"fig:partial-zip-{slug(dataset)}-{slug(arch)}"
+        artifacts.append(Artifact("figure", dataset, pdf, (pdf, png), caption, label))
+    return artifacts
+
+
+def _partial_zip_curve(by_x: dict[float, list[float]], frame: pd.DataFrame) -> Figure:
+    fig = Figure(figsize=(SINGLE_COLUMN_IN, matplotlib.rcParams["figure.figsize"][1]))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = sorted(by_x)
+    means = [float(pd.Series(by_x[x]).mean()) for x in xs]
+    stds = [float(pd.Series(by_x[x]).std()) if len(by_x[x]) > 1 else 0.0 for x in xs]
+    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=2, label="ZipIt!", color="C0")
+    styles = {"ensemble": ("C3", "--"), "base": ("0.4", ":")}
+    for row in frame.to_dict("records"):
+        if row["kind"] in styles and row["joint_n"] > 0:
+            colour, line = styles[row["kind"]]
+            ax.axhline(100 * row["joint_mean"], color=colour, linestyle=line, linewidth=1, label=row["label"])
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("Fraction of the network zipped")
+    ax.set_ylabel("Joint accuracy (%)")
+    ax.legend(loc="lower left", fontsize="small")
+    return fig
