@@ -223,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hetmerge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def inputs(p: argparse.ArgumentParser, models: str | None = None) -> None:
+        """The prepared dataset and task split every model-level stage reads (plus the model files)."""
+        p.add_argument("--data", required=True, help="prepared dataset from `hetmerge data`")
+        p.add_argument("--split", required=True, help="task split from `hetmerge split`")
+        if models == "many":
+            p.add_argument("--models", nargs="+", required=True, help="checkpoints, in task order")
+        elif models == "one":
+            p.add_argument("--model", required=True, help="checkpoint of a model or merge")
+
     def device_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", help="auto (a free GPU if any, else CPU), cpu, or cuda:N")
         p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
@@ -247,8 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("train", help="train one model on one task")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", required=True)
+    inputs(p)
     p.add_argument("--task", required=True)
     p.add_argument("--model", type=_json, required=True, help='JSON: {"family": ..., "spec": {...}}')
     p.add_argument("--train", type=_json, default={}, help="JSON training settings")
@@ -259,18 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("statistics", help="activation mean/covariance of every feature space on the merge slice")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", required=True)
-    p.add_argument("--models", nargs="+", required=True)
+    inputs(p, "many")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", required=True)
     device_args(p)
     p.set_defaults(func=cmd_statistics)
 
     p = sub.add_parser("merge", help="merge trained models with a registered method")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", required=True)
-    p.add_argument("--models", nargs="+", required=True)
+    inputs(p, "many")
     p.add_argument("--method", required=True)
     p.add_argument("--params", type=_json, default={})
     p.add_argument("--stats", default=None, help="statistics file from `hetmerge statistics` (else computed)")
@@ -281,9 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("evaluate", help="joint and per-task accuracy, parameters and FLOPs")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", required=True)
-    p.add_argument("--model", required=True)
+    inputs(p, "one")
     p.add_argument("--record", type=_json, default={}, help="JSON fields copied into the result")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--out", required=True)
