@@ -1,13 +1,21 @@
 # Target lists and per-rule config slices, all derived from the validated config (never from globbing results/).
 import json
+import os
 import string
 
 from snakemake.exceptions import WorkflowError
 
 from hetmerge.methods import REGISTRY, build_method
-from hetmerge.models import parse_spec
+from hetmerge.data import dataset_info
+from hetmerge.models import build_model
 from hetmerge.params import ParameterError, as_dict, parse_params
 from hetmerge.training import TrainSettings
+
+# Rules run `python -m hetmerge` from this checkout (no install needed, e.g. in the conda env). This sets
+# PYTHONPATH for the jobs rather than requiring it, so it is no `envvars:` requirement.
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(p for p in (os.path.join(workflow.basedir, "src"), os.environ.get("PYTHONPATH")) if p)
+)
 
 RESULTS = "results"
 DATASET = config["dataset"]["name"]
@@ -29,8 +37,9 @@ def tasks_of(experiment):
 def _check_config():
     """Fail at start-up, naming the key, for anything the JSON schema cannot know (registered names)."""
     try:
+        shape = dataset_info(DATASET).input_shape
         for name, arch in config["architectures"].items():
-            parse_spec(arch["family"], arch["spec"])
+            build_model(arch["family"], arch["spec"], shape, {"A": 2})
             train_settings(name)
         for name, entry in config["methods"].items():
             build_method(entry["method"], entry["params"])
@@ -140,6 +149,46 @@ def method_order():
 
 def uses_statistics(method_key):
     return REGISTRY[config["methods"][method_key]["method"]].uses_statistics
+
+
+def merge_inputs(wc):
+    inputs = {"data": data_path(), "split": experiment_split(wc), "models": experiment_models(wc)}
+    if uses_statistics(wc.method):
+        inputs["stats"] = stats_path(wc.seed, wc.experiment)
+    return inputs
+
+
+def evaluated_model(wc):
+    """A merge output, or for the model_a/model_b/... rows the source model itself."""
+    if wc.entry.startswith("model_"):
+        task = wc.entry.removeprefix("model_").upper()
+        models = config["experiments"][wc.experiment]["models"]
+        return model_path(len(models), wc.seed, models[tasks_of(wc.experiment).index(task)], task)
+    return f"{RESULTS}/merges/{DATASET}/s{wc.seed}/{wc.experiment}/{wc.entry}.safetensors"
+
+
+def eval_record(wc):
+    """Fields the report needs, plus this row's config slice (so a label edit re-labels the row)."""
+    exp = config["experiments"][wc.experiment]
+    if wc.entry.startswith("model_"):
+        task = wc.entry.removeprefix("model_").upper()
+        kind, label, slice_ = "base", f"Model {task}", {"architecture": exp["models"][tasks_of(wc.experiment).index(task)]}
+    else:
+        entry = config["methods"][wc.entry]
+        kind = "ensemble" if entry["method"] == "ensemble" else "merge"
+        label, slice_ = entry.get("label", wc.entry), entry
+    return as_json(
+        {
+            "dataset": DATASET,
+            "arch": wc.experiment,
+            "arch_label": experiment_label(wc.experiment),
+            "pair": int(wc.seed),
+            "method": wc.entry,
+            "label": label,
+            "kind": kind,
+            "config": slice_,
+        }
+    )
 
 
 _check_config()

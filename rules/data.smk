@@ -3,14 +3,17 @@ rule dataset:
     output:
         data_path(),
     params:
+        dataset=DATASET,
         roots=config["dataset"]["roots"],
         download="--download" if config["dataset"]["download"] else "--no-download",
         download_root=config["dataset"]["download_root"],
         verify="" if config["dataset"]["verify"] else "--no-verify",
+    conda:
+        "../envs/hetmerge.yaml"
     log:
         f"{RESULTS}/logs/dataset/{DATASET}.log",
     shell:
-        "hetmerge data --dataset {DATASET} --roots {params.roots:q} {params.download} {params.verify} "
+        "python -m hetmerge data --dataset {params.dataset} --roots {params.roots:q} {params.download} {params.verify} "
         "--download-root {params.download_root:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -24,9 +27,11 @@ rule split:
         merge_per_class=config["split"]["merge_per_class"],
         train_per_task=as_json(config["split"]["train_per_task"]),
         test_per_task=as_json(config["split"]["test_per_task"]),
+    conda:
+        "../envs/hetmerge.yaml"
     log:
         f"{RESULTS}/logs/split/{DATASET}/t{{ntasks}}-s{{seed}}.log",
     shell:
-        "hetmerge split --data {input:q} --seed {wildcards.seed} --num-tasks {wildcards.ntasks} "
+        "python -m hetmerge split --data {input:q} --seed {wildcards.seed} --num-tasks {wildcards.ntasks} "
         "--merge-per-class {params.merge_per_class} --train-per-task {params.train_per_task:q} "
         "--test-per-task {params.test_per_task:q} --out {output:q} > {log:q} 2>&1"

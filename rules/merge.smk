@@ -10,20 +10,15 @@ rule statistics:
         batch_size=COMPUTE["merge_batch_size"],
         device=COMPUTE["device"],
     threads: 1
+    conda:
+        "../envs/hetmerge.yaml"
     log:
         f"{RESULTS}/logs/statistics/{DATASET}/s{{seed}}/{{experiment}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/statistics/{DATASET}/s{{seed}}/{{experiment}}.tsv"
     shell:
-        "hetmerge statistics --data {input.data:q} --split {input.split:q} --models {input.models:q} "
+        "python -m hetmerge statistics --data {input.data:q} --split {input.split:q} --models {input.models:q} "
         "--batch-size {params.batch_size} --device {params.device} --threads {threads} --out {output:q} > {log:q} 2>&1"
-
-
-def merge_inputs(wc):
-    inputs = {"data": data_path(), "split": experiment_split(wc), "models": experiment_models(wc)}
-    if uses_statistics(wc.method):
-        inputs["stats"] = stats_path(wc.seed, wc.experiment)
-    return inputs
 
 
 rule merge:
@@ -39,11 +34,13 @@ rule merge:
         batch_size=COMPUTE["merge_batch_size"],
         device=COMPUTE["device"],
     threads: 1
+    conda:
+        "../envs/hetmerge.yaml"
     log:
         f"{RESULTS}/logs/merge/{DATASET}/s{{seed}}/{{experiment}}/{{method}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/merge/{DATASET}/s{{seed}}/{{experiment}}/{{method}}.tsv"
     shell:
-        "hetmerge merge --data {input.data:q} --split {input.split:q} --models {input.models:q} "
+        "python -m hetmerge merge --data {input.data:q} --split {input.split:q} --models {input.models:q} "
         "--method {params.method} --params {params.params:q} {params.stats} --batch-size {params.batch_size} "
         "--seed {wildcards.seed} --device {params.device} --threads {threads} --out {output:q} > {log:q} 2>&1"

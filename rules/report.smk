@@ -3,15 +3,18 @@ rule report:
     input:
         all_eval_paths(),
     output:
-        report_outputs(),
+        main=report_outputs()[0],
+        rest=report_outputs()[1:],
     params:
-        out_dir=f"{RESULTS}/paper",
+        out_dir=lambda wc, output: os.path.dirname(output.main),
         title=config["report"]["title"],
         order=method_order(),
+    conda:
+        "../envs/hetmerge.yaml"
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "hetmerge report --results {input:q} --out-dir {params.out_dir:q} --title {params.title:q} "
+        "python -m hetmerge report --results {input:q} --out-dir {params.out_dir:q} --title {params.title:q} "
         "--method-order {params.order:q} > {log:q} 2>&1"
 
 
@@ -21,7 +24,12 @@ rule paper_pdf:
         report_outputs(),
     output:
         f"{RESULTS}/paper/main.pdf",
+    params:
+        paper=lambda wc, output: os.path.dirname(output[0]),
+        log=lambda wc, log: os.path.abspath(log[0]),
+    conda:
+        "../envs/hetmerge.yaml"
     log:
         f"{RESULTS}/logs/paper_pdf.log",
     shell:
-        "cd {RESULTS}/paper && latexmk -pdf -interaction=nonstopmode -halt-on-error main.tex > ../../{log:q} 2>&1"
+        "cd {params.paper:q} && latexmk -pdf -interaction=nonstopmode -halt-on-error main.tex > {params.log:q} 2>&1"

@@ -16,12 +16,14 @@ rule train:
     threads: COMPUTE["train_threads"]
     resources:
         gpu=COMPUTE["train_gpus"],
+    conda:
+        "../envs/hetmerge.yaml"
     log:
         f"{RESULTS}/logs/train/{DATASET}/t{{ntasks}}-s{{seed}}/{{arch}}-{{task}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/{DATASET}/t{{ntasks}}-s{{seed}}/{{arch}}-{{task}}.tsv"
     shell:
-        "hetmerge train --data {input.data:q} --split {input.split:q} --task {wildcards.task} "
+        "python -m hetmerge train --data {input.data:q} --split {input.split:q} --task {wildcards.task} "
         "--model {params.model:q} --train {params.train:q} --seed {params.seed} "
         "--resume-dir {params.resume_dir:q} --device {params.device} --threads {threads} "
         "--out {output:q} > {log:q} 2>&1"

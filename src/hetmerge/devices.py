@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def select_device(request: str = "auto") -> torch.device:
     """'cpu', an explicit 'cuda:N', or 'auto': a free CUDA device if any is visible, else the CPU."""
     if request == "cpu":
         return torch.device("cpu")
-    if request.startswith("cuda:"):
+    if re.fullmatch(r"cuda:\d+", request):
         return torch.device(request)
     if request != "auto":
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda:N', got {request!r}")

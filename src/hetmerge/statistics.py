@@ -28,8 +28,9 @@ class SpaceStats:
     count: int
 
     def correlation(self, eps: float = 1e-7) -> torch.Tensor:
-        std = self.cov.diagonal().clamp_min(0).sqrt()
-        return self.cov / torch.outer(std, std).clamp_min(eps)
+        cov = (self.cov + self.cov.T) / 2  # exactly symmetric: the greedy zip relies on it
+        std = cov.diagonal().clamp_min(0).sqrt()
+        return cov / torch.outer(std, std).clamp_min(eps)
 
 
 def _as_units(h: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ ties included, at O(O) work per step in the typical case.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,15 +53,36 @@ def greedy_zip(similarity: torch.Tensor, widths: Sequence[int], alpha: float, be
     n_units = similarity.shape[0]
     if similarity.shape != (n_units, n_units) or n_units != sum(widths):
         raise ValueError(f"similarity of shape {tuple(similarity.shape)} does not fit widths {list(widths)}")
+    if not torch.equal(similarity, similarity.T):
+        raise ValueError("the similarity matrix must be exactly symmetric (symmetrise it, e.g. (S + Sᵀ)/2)")
     s = similarity.detach().clone()
-    neg_inf = torch.tensor(-torch.inf, dtype=s.dtype)
     s.fill_diagonal_(-torch.inf)
     origin = _origin(widths)
     budget = zip_budgets(widths, beta)
     owner = torch.arange(n_units)
+    with _single_thread():  # each step is many tiny ops: thread hand-offs cost more than they gain
+        merges = _zip_loop(s, origin, budget, n_units - max(widths), alpha, owner)
+    return ZipResult(_assignment(owner), tuple(merges))
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _zip_loop(
+    s: torch.Tensor, origin: torch.Tensor, budget: list[int], steps: int, alpha: float, owner: torch.Tensor
+) -> list[tuple[int, int]]:
+    """The merges, in order; `s` and `owner` are updated in place."""
+    neg_inf = torch.tensor(-torch.inf, dtype=s.dtype)
     row_max, row_arg = s.max(dim=1)
     merges = []
-    for _ in range(n_units - max(widths)):
+    for _ in range(steps):
         i = int(row_max.argmax())
         best = row_max[i]
         if best == -torch.inf:
@@ -89,5 +111,5 @@ def greedy_zip(similarity: torch.Tensor, widths: Sequence[int], alpha: float, be
                 s[same.unsqueeze(1) & same.unsqueeze(0)] = neg_inf
                 recompute |= same
         rows = recompute.nonzero().squeeze(1)
-        row_max[rows], row_arg[rows] = s[rows].max(dim=1)
-    return ZipResult(_assignment(owner), tuple(merges))
+        row_max[rows], row_arg[rows] = s.index_select(0, rows).max(dim=1)
+    return merges

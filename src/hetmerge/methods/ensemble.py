@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,4 +22,5 @@ class Ensemble(MergeMethod):
     Params = EnsembleParams
 
     def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
-        return MergedModel(None, list(models), cut=0)
+        # copies: a BN reset of the ensemble must not rewrite the caller's models
+        return MergedModel(None, [copy.deepcopy(m) for m in models], cut=0)

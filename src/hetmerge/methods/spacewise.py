@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 from hetmerge.matching.transforms import SpaceMerge, apply_merges
@@ -56,4 +57,5 @@ def assemble(models: Sequence[MultiTaskNet], merges: Mapping[str, SpaceMerge], c
         return MergedModel(target)
     handover = models[0].space_graph().cuts[cut]
     unmerge = [u.float() for u in merges[handover].unmerge]
-    return MergedModel(target, list(models), cut, unmerge)
+    # copies: the branches' BatchNorm statistics are reset with the trunk, the caller's models stay as they are
+    return MergedModel(target, [copy.deepcopy(m) for m in models], cut, unmerge)

@@ -9,7 +9,7 @@ from hetmerge.models.base import MultiTaskNet
 from hetmerge.models.mlp import MLP, MLPSpec
 from hetmerge.models.resnet import ResNet, ResNetSpec
 from hetmerge.models.vgg import VGG, VGGSpec
-from hetmerge.params import parse_params
+from hetmerge.params import ParameterError, parse_params
 
 FAMILIES: dict[str, tuple[type[MultiTaskNet], type]] = {
     "mlp": (MLP, MLPSpec),
@@ -20,7 +20,7 @@ FAMILIES: dict[str, tuple[type[MultiTaskNet], type]] = {
 
 def parse_spec(family: str, spec: Mapping[str, Any] | None) -> Any:
     if family not in FAMILIES:
-        raise ValueError(f"unknown architecture family {family!r}; known: {sorted(FAMILIES)}")
+        raise ParameterError(f"unknown architecture family {family!r}; known: {sorted(FAMILIES)}")
     return parse_params(FAMILIES[family][1], spec, f"architecture {family!r}")
 
 

@@ -1,0 +1,76 @@
+"""Shared fixtures: the offline `digits` dataset, one task split of it, and tiny model factories."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hetmerge.data import load_dataset, make_class_disjoint_split
+from hetmerge.models import build_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_thread():
+    """One torch thread: the models are tiny, and extra threads only contend with other work on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """scikit-learn's 8x8 digits (1442 train / 355 test images), prepared without any download."""
+    return load_dataset("digits", [], download=False, download_root=tmp_path_factory.mktemp("downloads"))
+
+
+@pytest.fixture(scope="session")
+def digits_split(digits):
+    """Two 5-class tasks, 10 held-out merge images per class, all other images for training."""
+    return make_class_disjoint_split(
+        digits.train_labels,
+        digits.test_labels,
+        digits.num_classes,
+        2,
+        0,
+        merge_per_class=10,
+        train_per_task=None,
+        test_per_task=None,
+        dataset="digits",
+    )
+
+
+@pytest.fixture(scope="session")
+def cpu():
+    return torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def make_model():
+    """`make_model(family, spec, heads, input_shape=(1, 8, 8), seed=0)`: a freshly initialised, seeded network."""
+
+    def make(family="mlp", spec=None, heads=None, input_shape=(1, 8, 8), seed=0):
+        torch.manual_seed(seed)
+        return build_model(family, spec or {}, input_shape, heads or {"A": 5})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def randomize_bn():
+    """`randomize_bn(model, seed)`: non-trivial BatchNorm statistics and affine parameters, in place."""
+
+    @torch.no_grad()
+    def randomize(model, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen))
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.weight.copy_(torch.randn(n, generator=gen))
+                m.bias.copy_(torch.randn(n, generator=gen))
+        return model
+
+    return randomize

@@ -1,0 +1,175 @@
+"""Checkpoints: bit-exact round trips, defects reported with the file's name, atomic writes."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import hetmerge.checkpoint
+from hetmerge.checkpoint import CheckpointError, load_base_model, load_model, load_tensors, save_model
+from hetmerge.merged import MergedModel, UnitMap
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.fixture
+def resnet(make_model, randomize_bn):
+    return randomize_bn(make_model("resnet", {"depth": 20, "width": 0.125}, {"A": 3}, (3, 32, 32)))
+
+
+def test_base_model_round_trip_is_bit_exact(tmp_path, resnet):
+    path = tmp_path / "m.safetensors"
+    save_model(resnet, path, {"seed": 3, "history": [{"epoch": 1, "loss": 0.5}]})
+    loaded, meta = load_model(path)
+    assert_same_state(loaded, resnet)
+    assert not loaded.training
+    assert loaded.describe() == resnet.describe()
+    assert meta["kind"] == "model"
+    assert meta["info"] == {"seed": 3, "history": [{"epoch": 1, "loss": 0.5}]}
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x)["A"], resnet.eval()(x)["A"])
+    base, _ = load_base_model(path)
+    assert_same_state(base, resnet)
+
+
+def merged_models(make_model, randomize_bn):
+    a = randomize_bn(make_model("vgg", {"depth": 11, "width": 0.0625}, {"A": 3}, seed=1), 1)
+    b = randomize_bn(make_model("vgg", {"depth": 11, "width": 0.0625}, {"B": 4}, seed=2), 2)
+    trunk = randomize_bn(make_model("vgg", {"depth": 11, "width": 0.0625}, {"A": 3, "B": 4}, seed=3), 3)
+    width = trunk.space_graph()[trunk.space_graph().cuts[4]].width
+    return {
+        "trunk-only": MergedModel(trunk),
+        "ensemble": MergedModel(None, [a, b], cut=0),
+        "partial-zip": MergedModel(trunk, [a, b], cut=4, unmerge=[torch.randn(width, width), None]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["trunk-only", "ensemble", "partial-zip"])
+def test_merged_model_round_trip_is_bit_exact(tmp_path, kind, make_model, randomize_bn):
+    model = merged_models(make_model, randomize_bn)[kind].eval()
+    path = tmp_path / f"{kind}.safetensors"
+    save_model(model, path, {"method": kind})
+    loaded, meta = load_model(path)
+    assert isinstance(loaded, MergedModel)
+    assert meta["kind"] == "merged" and meta["info"] == {"method": kind}
+    assert_same_state(loaded, model)
+    assert loaded.describe() == model.describe()
+    assert [type(m) for m in loaded.unmerge] == [type(m) for m in model.unmerge]
+    x = torch.randn(3, 1, 8, 8)
+    expected, got = model(x), loaded(x)
+    assert set(got) == {"A", "B"}
+    for task in got:
+        assert torch.equal(got[task], expected[task])
+
+
+def test_partial_zip_really_uses_its_unmerge_map(make_model, randomize_bn):
+    """Guards the round trip above: the unmerge map must influence the output."""
+    model = merged_models(make_model, randomize_bn)["partial-zip"].eval()
+    x = torch.randn(3, 1, 8, 8)
+    before = model(x)["A"]
+    assert isinstance(model.unmerge[0], UnitMap)
+    with torch.no_grad():
+        model.unmerge[0].weight.mul_(-1)
+    assert not torch.allclose(model(x)["A"], before)
+
+
+@pytest.mark.parametrize("keep", [0, 7, 0.5, -1])
+def test_truncated_file_is_reported_with_its_path(tmp_path, resnet, keep):
+    path = tmp_path / "good.safetensors"
+    save_model(resnet, path, {})
+    raw = path.read_bytes()
+    n = int(len(raw) * keep) if isinstance(keep, float) else (len(raw) + keep if keep < 0 else keep)
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(raw[:n])
+    with pytest.raises(CheckpointError, match=re.escape(str(bad))):
+        load_model(bad)
+
+
+def test_garbage_file_is_reported_with_its_path(tmp_path):
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(CheckpointError, match=re.escape(str(bad))):
+        load_model(bad)
+
+
+def test_missing_file_is_reported_with_its_path(tmp_path):
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "nope.safetensors"))):
+        load_model(tmp_path / "nope.safetensors")
+
+
+def test_safetensors_file_without_hetmerge_metadata(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}.*hetmerge metadata"):
+        load_model(path)
+
+
+def _swap_metadata(tensors_from, meta_from, out):
+    with safe_open(str(meta_from), framework="pt") as handle:
+        header = handle.metadata()
+    save_file(load_file(str(tensors_from)), str(out), metadata=header)
+
+
+def test_metadata_and_tensors_of_different_depths(tmp_path, make_model):
+    d20, d26 = tmp_path / "d20.safetensors", tmp_path / "d26.safetensors"
+    save_model(make_model("resnet", {"depth": 20, "width": 0.125}), d20, {})
+    save_model(make_model("resnet", {"depth": 26, "width": 0.125}), d26, {})
+    bad = tmp_path / "mixed.safetensors"
+    _swap_metadata(d26, d20, bad)
+    assert load_tensors(bad)[1]["model"]["spec"]["depth"] == 20
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(bad))}.*body\\.s1b3\\.") as info:
+        load_model(bad)
+    assert "unexpected" in str(info.value)
+
+
+def test_metadata_and_tensors_of_different_widths(tmp_path, make_model):
+    narrow, wide = tmp_path / "narrow.safetensors", tmp_path / "wide.safetensors"
+    save_model(make_model("resnet", {"depth": 20, "width": 0.125}), narrow, {})
+    save_model(make_model("resnet", {"depth": 20, "width": 0.25}), wide, {})
+    bad = tmp_path / "mixed.safetensors"
+    _swap_metadata(wide, narrow, bad)
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(bad))}.*tensor 'body\\..*' has shape"):
+        load_model(bad)
+
+
+def test_load_base_model_rejects_a_merged_checkpoint(tmp_path, make_model):
+    path = tmp_path / "merged.safetensors"
+    save_model(MergedModel(None, [make_model(heads={"A": 2}), make_model(heads={"B": 2})]), path, {})
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}.*merged"):
+        load_base_model(path)
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_failed_write_leaves_no_file_behind(tmp_path, monkeypatch, make_model, existed):
+    target = tmp_path / "model.safetensors"
+    if existed:
+        target.write_bytes(b"previous content")
+
+    def failing_save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hetmerge.checkpoint, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(make_model(), target, {})
+    if existed:
+        assert target.read_bytes() == b"previous content"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    else:
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_successful_write_leaves_only_the_target(tmp_path, make_model):
+    save_model(make_model(), tmp_path / "sub" / "m.safetensors", {})
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["m.safetensors"]

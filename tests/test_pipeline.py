@@ -1,0 +1,310 @@
+"""End to end: real Snakemake runs of config/test/tiny.yaml, rerun behaviour, config checks, interrupted jobs.
+
+Every run happens in a copy of Snakefile, rules/ and config/ under a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hetmerge.checkpoint import load_tensors, save_model
+from hetmerge.data import save_prepared, save_split
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {k: v for k, v in os.environ.items() if k != "HETMERGE_DEBUG"} | {
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+}
+TINY = "config/test/tiny.yaml"
+ALL_JOBS = {
+    "dataset": 1,
+    "split": 2,
+    "train": 8,
+    "statistics": 2,
+    "merge": 10,
+    "evaluate": 18,
+    "report": 1,
+    "all": 1,
+}
+
+
+def workdir(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "Snakefile", root / "Snakefile")
+    shutil.copytree(REPO / "rules", root / "rules")
+    shutil.copytree(REPO / "config", root / "config")
+    shutil.copytree(REPO / "envs", root / "envs")
+    return root
+
+
+def snakemake(cwd, *args, configfile=TINY, timeout=120):
+    """Run snakemake in `cwd`; returns (returncode, stdout and stderr together)."""
+    proc = subprocess.run(
+        [str(BIN / "snakemake"), *args, "--cores", "2", "--configfile", configfile],  # --configfile takes nargs
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    return proc.returncode, proc.stdout
+
+
+def job_stats(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a (dry) run, without the total."""
+    block = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    rows = (line.split() for line in block.strip().splitlines()[2:])
+    return {row[0]: int(row[1]) for row in rows if len(row) == 2 and row[0] != "total"}
+
+
+def edited_config(cwd: Path, name: str, edit) -> str:
+    config = yaml.safe_load((cwd / TINY).read_text())
+    edit(config)
+    path = cwd / "config" / "test" / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path.relative_to(cwd))
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    cwd = workdir(tmp_path_factory.mktemp("dry"))
+    code, out = snakemake(cwd, "-n", "all")
+    assert code == 0, out
+    return out
+
+
+@pytest.fixture(scope="module")
+def completed(tmp_path_factory):
+    """A directory where `snakemake all` on the tiny config has run to completion."""
+    cwd = workdir(tmp_path_factory.mktemp("run"))
+    code, out = snakemake(cwd, "all", timeout=600)
+    assert code == 0, out[-5000:]
+    return cwd
+
+
+def test_dry_run_plans_every_rule(dry_run):
+    assert job_stats(dry_run) == ALL_JOBS
+    # --configfile replaces config/config.yaml: none of its architectures or experiments leak in
+    assert "resnet" not in dry_run
+
+
+def test_schema_is_validated_without_warnings(dry_run):
+    assert "No validator found" not in dry_run
+
+
+def test_full_run_writes_paper_and_results(completed):
+    paper = completed / "results" / "paper"
+    for name in ["main.tex", "results.csv", "tables/summary_digits.tex"] + [
+        f"tables/accuracy_digits_{exp}.tex" for exp in ("mlp", "vgg")
+    ]:
+        assert (paper / name).stat().st_size > 0, name
+    assert (paper / "figures" / "joint_accuracy_digits.pdf").read_bytes().startswith(b"%PDF")
+    assert (paper / "figures" / "joint_accuracy_digits.png").read_bytes().startswith(b"\x89PNG")
+    main = (paper / "main.tex").read_text()
+    assert "accuracy_digits_mlp" in main and "joint_accuracy_digits" in main
+
+    evals = sorted((completed / "results" / "eval").rglob("*.json"))
+    assert len(evals) == ALL_JOBS["evaluate"]
+    records = {}
+    for path in evals:
+        rec = json.loads(path.read_text())
+        key = (rec["pair"], rec["arch"], rec["method"])
+        records[key] = rec
+        m = rec["metrics"]
+        assert 0 <= m["joint"] <= 1, key
+        assert set(m["tasks"]) == {"A", "B"}, key
+        assert isinstance(m["params"], int) and m["params"] > 0, key
+        assert isinstance(m["flops"], int) and m["flops"] > 0, key
+        assert m["n_test"] == 355, key
+        assert {"git", "packages", "device"} <= set(rec["provenance"]), key
+        assert rec["provenance"]["device"] == "cpu"
+        assert rec["provenance"]["packages"]["torch"]
+        assert rec["timings"]["eval_seconds"] >= 0, key
+        assert ("train_seconds" if rec["kind"] == "base" else "merge_seconds") in rec["timings"], key
+    assert len(records) == len(evals)
+
+    for seed in (0, 1):
+        for exp in ("mlp", "vgg"):
+            a, b, ens = (records[(seed, exp, e)]["metrics"] for e in ("model_a", "model_b", "ensemble"))
+            assert a["tasks"]["B"] is None and b["tasks"]["A"] is None
+            # The ensemble answers each task with that task's own model, and costs both models.
+            assert ens["tasks"] == {"A": a["tasks"]["A"], "B": b["tasks"]["B"]}
+            assert ens["params"] == a["params"] + b["params"]
+            assert ens["flops"] == a["flops"] + b["flops"]
+            assert a["tasks"]["A"] > 0.5, (seed, exp)  # two epochs on 5 digit classes do learn something
+            assert records[(seed, exp, "average")]["source"]["params"] == {"reset_bn": True}
+
+    csv = (paper / "results.csv").read_text()
+    assert "W.Avg" in csv or "average" in csv
+
+
+def test_second_run_is_a_no_op(completed):
+    code, out = snakemake(completed, "all")
+    assert code == 0, out
+    assert "Nothing to be done" in out
+
+
+def test_method_parameter_change_reruns_only_that_method(completed):
+    config = edited_config(completed, "no_reset", lambda c: c["methods"]["average"]["params"].update(reset_bn=False))
+    code, out = snakemake(completed, "-n", "all", configfile=config)
+    assert code == 0, out
+    assert job_stats(out) == {"merge": 4, "evaluate": 4, "report": 1, "all": 1}
+    outputs = re.findall(r"output: (results/(?:merges|eval)/\S+)", out)
+    assert len(outputs) == 8
+    assert all(re.search(r"/average\.(safetensors|json)$", o) for o in outputs), outputs
+
+
+def test_training_change_reruns_training_and_downstream(completed):
+    config = edited_config(completed, "epochs", lambda c: c["training"].update(epochs=3))
+    code, out = snakemake(completed, "-n", "all", configfile=config)
+    assert code == 0, out
+    assert job_stats(out) == {k: v for k, v in ALL_JOBS.items() if k not in ("dataset", "split")}
+
+
+def test_one_architecture_change_reruns_only_its_experiment(completed):
+    config = edited_config(completed, "wider", lambda c: c["architectures"]["mlp"]["spec"].update(hidden=[24]))
+    code, out = snakemake(completed, "-n", "all", configfile=config)
+    assert code == 0, out
+    assert job_stats(out) == {"train": 4, "statistics": 2, "merge": 6, "evaluate": 10, "report": 1, "all": 1}
+    assert "vgg" not in " ".join(re.findall(r"output: (results/(?:models|merges|eval)/\S+)", out))
+
+
+@pytest.fixture(scope="module")
+def lint_output(tmp_path_factory):
+    cwd = workdir(tmp_path_factory.mktemp("lint"))
+    proc = subprocess.run(
+        [str(BIN / "snakemake"), "--lint", "--configfile", TINY],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+    )
+    return proc.returncode, proc.stdout
+
+
+def test_lint_runs(lint_output):
+    code, out = lint_output
+    assert "Lints for" in out or code == 0, out  # snakemake's linter itself works on our workflow
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.parametrize(
+    "lint",
+    [
+        "Mixed rules and functions in same snakefile",
+        "Shell command directly uses variable",
+        "is a prefix of input or output file but hardcoded",
+        "Specify a conda environment or container",
+    ],
+)
+def test_lint_has_no_warning_of_this_kind(lint_output, lint):
+    assert lint not in lint_output[1]
+
+
+def test_lint_is_clean(lint_output):
+    code, out = lint_output
+    assert code == 0 and "Lints for" not in out, out
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (lambda c: c.update(trainin=c.pop("training")), "'trainin' was unexpected"),
+        (lambda c: c["split"].update(seedz=c["split"].pop("seeds")), "'seedz' was unexpected"),
+        (lambda c: c["methods"]["average"]["params"].update(reset_bnn=True), "['reset_bnn']"),
+        (lambda c: c["architectures"]["mlp"]["spec"].update(hiden=[8]), "['hiden']"),
+        (lambda c: c["experiments"]["mlp"].update(methods=["ensemble", "avg"]), "'avg'"),
+    ],
+    ids=["training", "split-seeds", "method-param", "arch-spec", "experiment-method"],
+)
+def test_config_typo_fails_at_start_up_naming_the_key(tmp_path, edit, named):
+    cwd = workdir(tmp_path)
+    code, out = snakemake(cwd, "-n", "all", configfile=edited_config(cwd, "typo", edit))
+    assert code != 0
+    assert named in out, out
+    assert "Job stats" not in out and not (cwd / "results").exists()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, digits, digits_split):
+    root = tmp_path_factory.mktemp("prepared")
+    save_prepared(digits, root / "digits.safetensors")
+    save_split(digits_split, root / "split.json")
+    return root
+
+
+def hetmerge_cli(*args, timeout=120):
+    return subprocess.run(
+        [str(BIN / "hetmerge"), *args], env=ENV, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_training_leaves_no_model_file(tmp_path, prepared, sig):
+    out = tmp_path / "models" / "mlp-A.safetensors"
+    resume_dir = tmp_path / "resume"
+    resume = resume_dir / "mlp-A.safetensors.resume"
+    cmd = [str(BIN / "hetmerge"), "train", "--data", str(prepared / "digits.safetensors")]
+    cmd += ["--split", str(prepared / "split.json"), "--task", "A", "--seed", "0", "--device", "cpu"]
+    cmd += ["--model", json.dumps({"family": "mlp", "spec": {"hidden": [64]}})]
+    cmd += ["--train", json.dumps({"epochs": 100_000, "batch_size": 32}), "--resume-dir", str(resume_dir)]
+    proc = subprocess.Popen([*cmd, "--out", str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while not resume.exists():  # at least one epoch is done: the job is mid-run
+            assert proc.poll() is None, "training ended early"
+            assert time.monotonic() < deadline, "no resume state appeared"
+            time.sleep(0.1)
+        time.sleep(0.3)
+        proc.send_signal(sig)
+        proc.wait(30)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert proc.returncode == -sig
+    assert not out.exists()
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    # Only the resume state may remain (plus, if the kill hit its atomic rewrite, that write's temp file).
+    leftovers = [p.name for p in resume_dir.iterdir() if p != resume]
+    assert all(re.fullmatch(r"\.mlp-A\.safetensors\.resume\..*\.tmp", n) for n in leftovers), leftovers
+    assert load_tensors(resume)[1]["epoch"] >= 1  # complete and readable
+
+
+def test_evaluate_names_a_corrupt_model_file(tmp_path, prepared, make_model):
+    model = tmp_path / "model.safetensors"
+    save_model(make_model("mlp", {"hidden": [8]}, {"A": 5}), model, {})
+    model.write_bytes(model.read_bytes()[:-100])
+    out = tmp_path / "eval.json"
+    proc = hetmerge_cli(
+        "evaluate",
+        "--data",
+        str(prepared / "digits.safetensors"),
+        "--split",
+        str(prepared / "split.json"),
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert f"checkpoint {model}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
