@@ -173,3 +173,14 @@ def test_failed_write_leaves_no_file_behind(tmp_path, monkeypatch, make_model, e
 def test_successful_write_leaves_only_the_target(tmp_path, make_model):
     save_model(make_model(), tmp_path / "sub" / "m.safetensors", {})
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["m.safetensors"]
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    import os
+
+    from hetmerge.atomic import write_json
+
+    write_json(tmp_path / "x.json", {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~umask
