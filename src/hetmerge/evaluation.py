@@ -71,7 +71,7 @@ def accuracies(
     }
 
 
-def _macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
+def _macs(module: nn.Module, output: torch.Tensor) -> int:
     per_sample_out = output[0].numel()
     if isinstance(module, nn.Conv2d):
         return per_sample_out * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
@@ -95,7 +95,7 @@ def cost(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
         ran[id(module)] = module
         if isinstance(output, torch.Tensor):
-            total[0] += _macs(module, inputs, output)
+            total[0] += _macs(module, output)
 
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]

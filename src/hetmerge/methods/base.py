@@ -48,8 +48,9 @@ class MergeContext:
         """Activation statistics of every space (given, e.g. by the pipeline's statistics stage, or computed)."""
         if self.stats is None:
             self.stats = collect_statistics(models, self.require_batches("activation statistics")())
+        graphs = [m.space_graph() for m in models]
         for name, stats in self.stats.items():
-            widths = tuple(m.space_graph()[name].width for m in models)
+            widths = tuple(g[name].width for g in graphs)
             if stats.widths != widths:
                 raise MergeError(
                     f"statistics of space {name!r} are for widths {stats.widths}, the models have {widths}"
