@@ -36,9 +36,11 @@ class AxisRef:
 class FeatureSpace:
     """A feature space of one model: its width, who writes it, who reads it, where to observe it.
 
-    `observe` names the module whose forward output carries this space's activations with units on
-    dimension 1 (channels of an NCHW map or features of an NC matrix). `groups` > 1 says units come in
-    contiguous groups (attention heads, GroupNorm groups) that a merge must keep whole.
+    `observe` names the module whose forward output carries this space's activations, with units on
+    dimension `unit_dim` (1 for the channels of an NCHW map or an NC matrix, -1 for (B, tokens, D)).
+    `groups` > 1 says units come in contiguous groups (attention heads, GroupNorm groups) that a merge
+    must keep whole. Grouped spaces with the same `link` must pair their groups identically: an attention
+    head's query/key space and its value/output space belong to one head and travel together.
     """
 
     name: str
@@ -47,6 +49,8 @@ class FeatureSpace:
     consumers: tuple[AxisRef, ...]
     observe: str
     groups: int = 1
+    unit_dim: int = 1
+    link: str | None = None
 
     def axes(self) -> tuple[AxisRef, ...]:
         return self.producers + self.consumers
@@ -88,6 +92,13 @@ class SpaceGraph:
     def names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.spaces)
 
+    def matching_sets(self) -> tuple[tuple[FeatureSpace, ...], ...]:
+        """Spaces that must be matched together: each linked family once (at its first member), others alone."""
+        sets: dict[str, list[FeatureSpace]] = {}
+        for space in self.spaces:
+            sets.setdefault(space.link or f"\0{space.name}", []).append(space)
+        return tuple(tuple(members) for members in sets.values())
+
     def axes_of(self, param: str) -> dict[int, tuple[FeatureSpace, AxisRef]]:
         """Map each axis of `param` that belongs to a space to that space."""
         found: dict[int, tuple[FeatureSpace, AxisRef]] = {}
@@ -111,6 +122,9 @@ class SpaceGraph:
                     )
             if space.width % space.groups:
                 raise ValueError(f"space {space.name!r}: width {space.width} not divisible by {space.groups} groups")
+        for members in self.matching_sets():
+            if len({m.groups for m in members}) > 1:
+                raise ValueError(f"linked spaces {[m.name for m in members]} have different group counts")
 
 
 def unit_axes(param: str, axes: Iterable[int], role: Role = "weight") -> tuple[AxisRef, ...]:
@@ -156,3 +170,21 @@ def model_slices(widths: Sequence[int]) -> list[slice]:
     """Rows of each model when N models' units of one space are concatenated (widths d_1..d_N)."""
     bounds = list(itertools.accumulate(widths, initial=0))
     return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def random_permutations(graph: SpaceGraph, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """A random function-preserving permutation of every space, for checking a description.
+
+    Groups move as wholes and are shuffled inside; linked spaces share one order of their groups (a head's
+    query/key and value/output units stay in the same head).
+    """
+    group_orders: dict[str, torch.Tensor] = {}
+    perms = {}
+    for space in graph.spaces:
+        size = space.width // space.groups
+        key = space.link or space.name
+        if key not in group_orders:
+            group_orders[key] = torch.randperm(space.groups, generator=generator)
+        within = torch.stack([torch.randperm(size, generator=generator) for _ in range(space.groups)])
+        perms[space.name] = (group_orders[key][:, None] * size + within).reshape(-1)
+    return perms

@@ -33,9 +33,10 @@ class SpaceStats:
         return cov / torch.outer(std, std).clamp_min(eps)
 
 
-def _as_units(h: torch.Tensor) -> torch.Tensor:
-    """(N, C, ...) → (C, N·...): one column per sample and position."""
-    return h.detach().transpose(0, 1).reshape(h.shape[1], -1)
+def _as_units(h: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """Units of dimension `unit_dim` become rows: (C, samples·positions), one column per sample and position."""
+    h = h.detach().movedim(unit_dim, 0)
+    return h.reshape(h.shape[0], -1)
 
 
 @torch.no_grad()
@@ -71,7 +72,9 @@ def collect_statistics(
                 for model in models:
                     model(x)
                 for name in names:
-                    z = torch.cat([_as_units(captured[(i, name)]) for i in range(len(models))]).double()
+                    z = torch.cat(
+                        [_as_units(captured[(i, name)], graphs[i][name].unit_dim) for i in range(len(models))]
+                    ).double()
                     if name not in sums:
                         sums[name] = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
                         outers[name] = torch.zeros(z.shape[0], z.shape[0], dtype=torch.float64, device=z.device)
