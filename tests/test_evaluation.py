@@ -65,7 +65,7 @@ def test_accuracies_by_hand(toy, cpu, batch_size):
     assert metrics["tasks"] == {"A": pytest.approx(3 / 4), "B": pytest.approx(2 / 4)}
     assert metrics["joint"] == pytest.approx(2 / 8)
     assert metrics["task_avg"] == pytest.approx(5 / 8)
-    assert metrics["n_test"] == 8
+    assert metrics["n_images"] == 8
 
 
 def test_model_without_head_b(toy, cpu):

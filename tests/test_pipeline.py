@@ -129,7 +129,7 @@ def test_full_run_writes_paper_and_results(completed):
         assert set(m["tasks"]) == {"A", "B"}, key
         assert isinstance(m["params"], int) and m["params"] > 0, key
         assert isinstance(m["flops"], int) and m["flops"] > 0, key
-        assert m["n_test"] == 355, key
+        assert m["n_images"] == 355, key
         assert {"git", "packages", "device"} <= set(rec["provenance"]), key
         assert rec["provenance"]["device"] == "cpu"
         assert rec["provenance"]["packages"]["torch"]

@@ -131,6 +131,7 @@ def cmd_statistics(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from hetmerge.checkpoint import load_base_model, save_model
     from hetmerge.data import load_prepared, load_split
+    from hetmerge.evaluation import accuracies
     from hetmerge.methods import MergeContext, build_method
     from hetmerge.params import as_dict
     from hetmerge.provenance import provenance
@@ -142,12 +143,17 @@ def cmd_merge(args: argparse.Namespace) -> None:
     models = [load_base_model(path)[0] for path in args.models]
     stats = load_statistics(args.stats) if args.stats else None
     batches = _merge_batches(ds, split, args.batch_size, device)
-    ctx = MergeContext(device=device, batches=batches, seed=args.seed, stats=stats)
+
+    def score(model: Any) -> float:
+        return accuracies(model, ds, split, args.batch_size, device, part="merge")["joint"]
+
+    ctx = MergeContext(device=device, batches=batches, seed=args.seed, stats=stats, score=score)
     t0 = time.perf_counter()
     merged = method(models, ctx)
     info = {
         "method": args.method,
         "params": as_dict(method.params),
+        "notes": ctx.notes,
         "cut": merged.cut if len(merged.branches) else None,
         "units": len(models[0].body),
         "sources": [str(p) for p in args.models],
@@ -177,7 +183,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         "metrics": metrics,
         "split_seed": split.seed,
         "tasks": {t.name: list(t.classes) for t in split.tasks},
-        "source": {k: info[k] for k in ("method", "params", "cut", "units", "seed", "task", "train") if k in info},
+        "source": {
+            k: info[k] for k in ("method", "params", "notes", "cut", "units", "seed", "task", "train") if k in info
+        },
         "timings": {
             "eval_seconds": round(time.perf_counter() - t0, 3),
             **{k: info[k] for k in ("train_seconds", "merge_seconds") if k in info},

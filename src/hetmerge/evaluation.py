@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -12,41 +12,53 @@ from hetmerge.data import ImageDataset, TaskSplit, iterate_batches
 from hetmerge.merged import UnitMap
 
 Model = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+Part = Literal["test", "merge"]
 
 
 @torch.no_grad()
-def predict(model: Model, data: ImageDataset, indices: torch.Tensor, batch_size: int, device: torch.device) -> dict:
-    """Logits of every head on the test images `indices`, concatenated over batches."""
+def predict(
+    model: Model, images: torch.Tensor, indices: torch.Tensor, data: ImageDataset, batch_size: int, device: torch.device
+) -> dict:
+    """Logits of every head on `images[indices]`, concatenated over batches."""
     outputs: dict[str, list[torch.Tensor]] = {}
-    batches = iterate_batches(
-        data.test_images, data.test_labels, indices, batch_size, data.mean, data.std, device=device
-    )
-    for x, _ in batches:
+    labels = torch.zeros(len(images), dtype=torch.long)  # unused: batches carry labels we do not need
+    for x, _ in iterate_batches(images, labels, indices, batch_size, data.mean, data.std, device=device):
         for task, logits in model(x).items():
             outputs.setdefault(task, []).append(logits.float().cpu())
     return {task: torch.cat(chunks) for task, chunks in outputs.items()}
 
 
+def task_indices(data: ImageDataset, split: TaskSplit, part: Part) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Images, labels and per-task indices of the test set or of the held-out merge slice."""
+    if part == "test":
+        return data.test_images, data.test_labels, split.test_indices
+    merge = torch.as_tensor(split.merge_indices, dtype=torch.long)
+    labels = data.train_labels[merge]
+    per_task = {t.name: tuple(merge[torch.isin(labels, torch.as_tensor(t.classes))].tolist()) for t in split.tasks}
+    return data.train_images, data.train_labels, per_task
+
+
 def accuracies(
-    model: Model, data: ImageDataset, split: TaskSplit, batch_size: int, device: torch.device
+    model: Model, data: ImageDataset, split: TaskSplit, batch_size: int, device: torch.device, part: Part = "test"
 ) -> dict[str, Any]:
-    """Task accuracy (argmax within the task's own head) and joint accuracy.
+    """Task accuracy (argmax within the task's own head) and joint accuracy, on the test set or merge slice.
 
     Joint: the logits of all heads the model has are concatenated and the argmax must hit the true class
     among all classes of all tasks; a model without a head for an image's task can only get it wrong.
     Task accuracy is None for tasks the model has no head for.
     """
+    images, labels, per_task = task_indices(data, split, part)
     order = [t.name for t in split.tasks]
-    indices = torch.as_tensor([i for t in order for i in split.test_indices[t]], dtype=torch.long)
-    true_class = data.test_labels[indices]
-    logits = predict(model, data, indices, batch_size, device)
+    indices = torch.as_tensor([i for t in order for i in per_task[t]], dtype=torch.long)
+    true_class = labels[indices]
+    logits = predict(model, images, indices, data, batch_size, device)
     unknown = sorted(set(logits) - set(order))
     if unknown:
         raise ValueError(f"model answers tasks {unknown} that the split does not define ({order})")
     task_acc: dict[str, float | None] = {}
     offset = 0
     for task in split.tasks:
-        n = len(split.test_indices[task.name])
+        n = len(per_task[task.name])
         rows = slice(offset, offset + n)
         offset += n
         if task.name not in logits:
@@ -67,7 +79,7 @@ def accuracies(
         "joint": (joint_pred == true_class).float().mean().item(),
         "tasks": task_acc,
         "task_avg": sum(scored) / len(scored) if len(scored) == len(task_acc) else None,
-        "n_test": len(indices),
+        "n_images": len(indices),
     }
 
 

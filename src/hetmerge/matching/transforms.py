@@ -59,6 +59,13 @@ def _consumer(w: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
     return torch.movedim(torch.tensordot(w, matrix.to(w.dtype), dims=([axis], [0])), -1, axis)
 
 
+def transform_axis(w: torch.Tensor, axis: int, merge: SpaceMerge, model: int, producer: bool) -> torch.Tensor:
+    """One axis of model `model`'s tensor into the merged basis: M_i·W for producers, W·U_i for consumers."""
+    if producer:
+        return _producer(w, axis, merge.merge[model])
+    return _consumer(w, axis, merge.unmerge[model])
+
+
 def transform_state(
     state: Mapping[str, torch.Tensor], graph: SpaceGraph, merges: Mapping[str, SpaceMerge], model: int
 ) -> dict[str, tuple[torch.Tensor, bool, bool]]:
@@ -72,12 +79,9 @@ def transform_state(
             if space.name not in merges:
                 merged = False
                 continue
-            sm = merges[space.name]
-            if ref in space.producers:
-                w = _producer(w, axis, sm.merge[model])
-                produced = True
-            else:
-                w = _consumer(w, axis, sm.unmerge[model])
+            producer = ref in space.producers
+            w = transform_axis(w, axis, merges[space.name], model, producer)
+            produced |= producer
         out[name] = (w, produced, merged)
     return out
 

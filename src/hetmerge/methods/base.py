@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -36,13 +36,17 @@ class MethodParams:
 class MergeContext:
     """What a method may use besides the models: the merge slice (never the test set) and a device.
 
-    `batches()` starts a fresh pass over the merge slice's input images.
+    `batches()` starts a fresh pass over the merge slice's input images. `score(model)` is a candidate's
+    joint accuracy on the labelled merge slice, for methods that choose a hyperparameter. Methods record
+    what they chose, and why, in `notes`; the merge's metadata keeps it.
     """
 
     device: torch.device
     batches: Callable[[], Iterable[torch.Tensor]] | None = None
     seed: int = 0
     stats: dict[str, SpaceStats] | None = None
+    score: Callable[[MergedModel], float] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def statistics(self, models: Sequence[MultiTaskNet]) -> dict[str, SpaceStats]:
         """Activation statistics of every space (given, e.g. by the pipeline's statistics stage, or computed)."""
@@ -86,7 +90,11 @@ class MergeMethod(abc.ABC):
 
     def __call__(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
         self.check(models)
-        merged = self.combine([m.to(ctx.device).eval() for m in models], ctx).to(ctx.device)
+        return self.finish(self.combine([m.to(ctx.device).eval() for m in models], ctx), ctx)
+
+    def finish(self, merged: MergedModel, ctx: MergeContext) -> MergedModel:
+        """What follows every merge: the BatchNorm reset on the merge slice, then evaluation mode."""
+        merged = merged.to(ctx.device)
         if self.params.reset_bn:
             reset_batchnorm(merged, ctx.require_batches(f"{self.name}: reset_bn")())
         return merged.eval()

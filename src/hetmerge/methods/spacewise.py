@@ -5,20 +5,36 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 
+from hetmerge.matching.solvers import Solver
 from hetmerge.matching.transforms import SpaceMerge, apply_merges
 from hetmerge.merged import MergedModel
 from hetmerge.methods.average import union_heads_model
-from hetmerge.methods.base import MergeError, require_same_architecture
+from hetmerge.methods.base import MergeError
 from hetmerge.models import MultiTaskNet
 from hetmerge.spaces import FeatureSpace
+from hetmerge.statistics import SpaceStats
 
 
-def check_mergeable(method: str, models: Sequence[MultiTaskNet]) -> None:
-    """Same architecture and no grouped spaces (group matching belongs to MuDSC)."""
-    require_same_architecture(method, models)
+def reject_groups(method: str, models: Sequence[MultiTaskNet], instead: str) -> None:
+    """For methods without group matching: grouped spaces (heads, GroupNorm) would be torn apart."""
     grouped = [s.name for s in models[0].space_graph().spaces if s.groups > 1]
     if grouped:
-        raise MergeError(f"method {method!r} cannot keep groups whole in spaces {grouped}; use group matching")
+        raise MergeError(f"method {method!r} cannot keep the groups of spaces {grouped} whole; use {instead}")
+
+
+def match_activations(
+    models: Sequence[MultiTaskNet], stats: Mapping[str, SpaceStats], solver: Solver, cut: int | None = None
+) -> dict[str, SpaceMerge]:
+    """Merges of the spaces before `cut` from activation correlations, linked spaces solved together."""
+    wanted = {s.name for s in spaces_before(models[0], cut)}
+    merges = {}
+    for members in models[0].space_graph().matching_sets():
+        if members[0].name not in wanted:
+            continue
+        sims = [stats[s.name].correlation() for s in members]
+        found = solver(sims, members, [stats[s.name].widths for s in members])
+        merges.update({s.name: m for s, m in zip(members, found, strict=True)})
+    return merges
 
 
 def unit_index(model: MultiTaskNet, param: str) -> int | None:

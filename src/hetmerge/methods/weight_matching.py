@@ -10,8 +10,8 @@ import torch
 from hetmerge.matching.transforms import SpaceMerge
 from hetmerge.matching.weight_matching import weight_matching
 from hetmerge.merged import MergedModel
-from hetmerge.methods.base import MergeContext, MergeMethod, MethodParams, register
-from hetmerge.methods.spacewise import assemble, check_mergeable
+from hetmerge.methods.base import MergeContext, MergeMethod, MethodParams, register, require_same_architecture
+from hetmerge.methods.spacewise import assemble, reject_groups
 from hetmerge.models import MultiTaskNet
 
 
@@ -26,7 +26,8 @@ class WeightMatching(MergeMethod):
     Params = WeightMatchingParams
 
     def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
-        check_mergeable(self.name, models)
+        require_same_architecture(self.name, models)
+        reject_groups(self.name, models, "method 'mudsc' with solver 'align' and lam 0 (weight-only group matching)")
         graph = models[0].space_graph()
         reference = models[0].state_dict()
         perms: dict[str, list[torch.Tensor]] = {s.name: [torch.arange(s.width)] for s in graph.spaces}

@@ -1,15 +1,17 @@
-"""ZipIt!: greedy zip of all N models' units at once, optionally only up to a chosen unit (partial zip)."""
+"""ZipIt!: greedy zip of all N models' units at once, optionally only up to a chosen unit (partial zip).
+
+Grouped spaces are zipped inside paired groups only (MuDSC's group zip), so heads stay heads.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hetmerge.matching.greedy_zip import greedy_zip
-from hetmerge.matching.transforms import SpaceMerge
+from hetmerge.matching.solvers import Zip
 from hetmerge.merged import MergedModel
-from hetmerge.methods.base import MergeContext, MergeMethod, MethodParams, register
-from hetmerge.methods.spacewise import assemble, check_mergeable, resolve_cut, spaces_before
+from hetmerge.methods.base import MergeContext, MergeMethod, MethodParams, register, require_same_architecture
+from hetmerge.methods.spacewise import assemble, match_activations, resolve_cut
 from hetmerge.models import MultiTaskNet
 
 
@@ -33,12 +35,7 @@ class ZipIt(MergeMethod):
     uses_statistics = True
 
     def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
-        check_mergeable(self.name, models)
+        require_same_architecture(self.name, models)
         cut = resolve_cut(models[0], self.params.stop_after)
-        stats = ctx.statistics(models)
-        merges = {}
-        for space in spaces_before(models[0], cut):
-            s = stats[space.name]
-            result = greedy_zip(s.correlation(), s.widths, self.params.alpha, self.params.beta)
-            merges[space.name] = SpaceMerge.from_assignment(result.assignment, s.widths)
-        return assemble(models, merges, cut)
+        solver = Zip(self.params.alpha, self.params.beta)
+        return assemble(models, match_activations(models, ctx.statistics(models), solver, cut), cut)

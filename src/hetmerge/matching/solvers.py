@@ -1,0 +1,139 @@
+"""Turning a similarity matrix into a merge of one feature space: alignment (LAP) or zip, with group matching.
+
+Every solver takes, for a set of spaces that must be matched together (see `SpaceGraph.matching_sets`),
+one (Σd_i × Σd_i) similarity of the N models' concatenated units per space, and returns one `SpaceMerge`
+per space. Grouped spaces (attention heads, GroupNorm groups) are matched in two levels, as in MuDSC
+(algorithms.md §3.5): a LAP inside every pair of groups gives a group-to-group score, a LAP over those
+scores pairs whole groups (summed over linked spaces, so a head's query/key and value/output units go to
+the same merged head), and units are then aligned or zipped inside each paired group only. Merged groups
+stay contiguous and in model 0's group order, so group boundaries survive the merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from hetmerge.matching.assignment import align_to_first, best_permutation
+from hetmerge.matching.greedy_zip import greedy_zip
+from hetmerge.matching.transforms import SpaceMerge
+from hetmerge.spaces import FeatureSpace, model_slices
+
+
+class Solver(Protocol):
+    def __call__(
+        self, sims: Sequence[torch.Tensor], spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]
+    ) -> list[SpaceMerge]: ...
+
+
+def merge_value(similarity: torch.Tensor, merge: SpaceMerge) -> float:
+    """Mean similarity between members of the same merged unit (MuDSC's merge value), over merged units.
+
+    Units with a single member do not count; with none merged at all the value is 0.
+    """
+    p = torch.cat(merge.unmerge).to(similarity.dtype)  # (Σd × m) membership
+    sizes = p.sum(0)
+    within = (p * (similarity @ p)).sum(0) - (p * similarity.diagonal()[:, None]).sum(0)
+    pairs = sizes * (sizes - 1)
+    merged = pairs > 0
+    if not merged.any():
+        return 0.0
+    return float((within[merged] / pairs[merged]).mean())
+
+
+def _check_groups(spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]) -> int:
+    groups = spaces[0].groups
+    for space, w in zip(spaces, widths, strict=True):
+        if len(set(w)) != 1:
+            raise ValueError(f"group matching of space {space.name!r} needs equal widths, got {list(w)}")
+        if w[0] % groups:
+            raise ValueError(f"space {space.name!r}: width {w[0]} not divisible by {groups} groups")
+    return groups
+
+
+@dataclass(frozen=True)
+class GroupPairing:
+    """`partner[i][j]`: model i's group paired with model 0's group j; `within[s][i][j]`: the LAP inside it."""
+
+    partner: list[torch.Tensor]
+    within: list[list[torch.Tensor]]  # per space, per model: (g, size) unit permutations inside paired groups
+
+
+def pair_groups(sims: Sequence[torch.Tensor], widths: Sequence[Sequence[int]], groups: int) -> GroupPairing:
+    """Two-level LAP of MuDSC's group matching, every model against model 0.
+
+    The loop runs over pairs of groups (g² small LAPs per model and space), never over units.
+    """
+    n = len(widths[0])
+    partner = [torch.arange(groups)]
+    within: list[list[torch.Tensor]] = [[torch.arange(w[0] // groups).repeat(groups, 1)] for w in widths]
+    for i in range(1, n):
+        score = torch.zeros(groups, groups, dtype=torch.float64)
+        inner = []
+        for sim, w in zip(sims, widths, strict=True):
+            size = w[0] // groups
+            rows = model_slices(w)
+            cross = sim[rows[0], rows[i]].reshape(groups, size, groups, size).transpose(1, 2)
+            perms = torch.empty(groups, groups, size, dtype=torch.long)
+            for j in range(groups):
+                for k in range(groups):
+                    perm = best_permutation(cross[j, k])
+                    perms[j, k] = perm
+                    score[j, k] += cross[j, k][torch.arange(size), perm].mean()
+            inner.append(perms)
+        pick = best_permutation(score)
+        partner.append(pick)
+        for s, perms in enumerate(inner):
+            within[s].append(perms[torch.arange(groups), pick])
+    return GroupPairing(partner, within)
+
+
+def align(
+    sims: Sequence[torch.Tensor], spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]
+) -> list[SpaceMerge]:
+    """Every model permuted onto model 0 by linear assignment, then averaged (group-wise for grouped spaces)."""
+    if spaces[0].groups == 1:
+        return [SpaceMerge.from_permutations(align_to_first(s, w)) for s, w in zip(sims, widths, strict=True)]
+    groups = _check_groups(spaces, widths)
+    pairing = pair_groups(sims, widths, groups)
+    merges = []
+    for s, w in enumerate(widths):
+        size = w[0] // groups
+        perms = [(pairing.partner[i][:, None] * size + pairing.within[s][i]).reshape(-1) for i in range(len(w))]
+        merges.append(SpaceMerge.from_permutations(perms))
+    return merges
+
+
+@dataclass(frozen=True)
+class Zip:
+    """ZipIt!'s greedy zip (α, β as in §2.5), restricted to paired groups for grouped spaces."""
+
+    alpha: float
+    beta: float
+
+    def __call__(
+        self, sims: Sequence[torch.Tensor], spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]
+    ) -> list[SpaceMerge]:
+        if spaces[0].groups == 1:
+            return [
+                SpaceMerge.from_assignment(greedy_zip(s, w, self.alpha, self.beta).assignment, w)
+                for s, w in zip(sims, widths, strict=True)
+            ]
+        groups = _check_groups(spaces, widths)
+        pairing = pair_groups(sims, widths, groups)
+        merges = []
+        for sim, w in zip(sims, widths, strict=True):
+            n, d = len(w), w[0]
+            size = d // groups
+            assignment = torch.zeros(n * d, d, dtype=torch.float64)
+            for j in range(groups):
+                # rows of the paired groups' units in the concatenated similarity, model by model
+                rows = torch.cat([i * d + pairing.partner[i][j] * size + torch.arange(size) for i in range(n)])
+                sub = sim[rows][:, rows]
+                zipped = greedy_zip(sub, [size] * n, self.alpha, self.beta).assignment
+                assignment[rows[:, None], torch.arange(j * size, (j + 1) * size)] = zipped
+            merges.append(SpaceMerge.from_assignment(assignment, w))
+        return merges

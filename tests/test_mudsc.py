@@ -1,0 +1,228 @@
+"""MuDSC: weight similarity, dual-space blend and sweeps, group matching, λ chosen on the merge slice."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hetmerge.matching import solvers
+from hetmerge.matching.transforms import SpaceMerge
+from hetmerge.matching.weight_similarity import weight_correlation
+from hetmerge.methods import MergeContext, MergeError, build_method
+from hetmerge.spaces import FeatureSpace, permute_state, random_permutations
+from hetmerge.statistics import SpaceStats, collect_statistics
+
+SPEC = {"depth": 11, "width": 0.0625}
+
+
+@pytest.fixture
+def batches():
+    gen = torch.Generator().manual_seed(7)
+    data = [torch.randn(16, 1, 8, 8, generator=gen) * 2 + 0.5 for _ in range(3)]
+    return lambda: iter(data)
+
+
+@pytest.fixture
+def pair(make_model, randomize_bn):
+    a = randomize_bn(make_model("vgg", SPEC, {"A": 3}, seed=1), 1).eval()
+    b = randomize_bn(make_model("vgg", SPEC, {"B": 4}, seed=2), 2).eval()
+    return a, b
+
+
+def merged_state(method, params, models, ctx):
+    return build_method(method, params)(list(models), ctx).trunk.state_dict()
+
+
+def assert_same_state(x, y):
+    assert x.keys() == y.keys()
+    for key in x:
+        torch.testing.assert_close(x[key], y[key], atol=1e-6, rtol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize(
+    ("solver", "single_space"),
+    [("align", ("permute", {})), ("zip", ("zipit", {"alpha": 0.5, "beta": 1.0}))],
+)
+def test_lam_1_is_activation_only_matching(pair, cpu, batches, solver, single_space):
+    stats = collect_statistics(list(pair), batches())
+    got = merged_state("mudsc", {"solver": solver, "lam": 1.0}, pair, MergeContext(cpu, batches, stats=stats))
+    want = merged_state(*single_space, pair, MergeContext(cpu, batches, stats=stats))
+    assert_same_state(got, want)
+
+
+@pytest.mark.parametrize("solver", ["align", "zip"])
+def test_lam_0_is_weight_only_matching(pair, cpu, batches, solver):
+    """With λ = 0 the activations have no say: garbage statistics give the very same merge."""
+    true_stats = collect_statistics(list(pair), batches())
+    gen = torch.Generator().manual_seed(3)
+    garbage = {}
+    for name, s in true_stats.items():
+        z = torch.randn(len(s.mean), 50, generator=gen, dtype=torch.float64)
+        garbage[name] = SpaceStats(s.widths, z.mean(1), torch.cov(z), 50)
+    params = {"solver": solver, "lam": 0.0}
+    got = merged_state("mudsc", params, pair, MergeContext(cpu, batches, stats=garbage))
+    want = merged_state("mudsc", params, pair, MergeContext(cpu, batches, stats=true_stats))
+    assert_same_state(got, want)
+    # and activations do matter once λ > 0 (so the comparison above can fail)
+    blended = merged_state("mudsc", {**params, "lam": 0.5}, pair, MergeContext(cpu, batches, stats=garbage))
+    assert any(not torch.allclose(blended[k], want[k]) for k in want if blended[k].is_floating_point())
+
+
+@pytest.mark.parametrize("solver", ["align", "zip"])
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_merging_a_model_with_a_permuted_copy_returns_it(make_model, randomize_bn, cpu, batches, solver, lam):
+    a = randomize_bn(make_model("vgg", SPEC, {"A": 3}, seed=1), 1).eval()
+    graph = a.space_graph()
+    b = copy.deepcopy(a)
+    b.load_state_dict(
+        permute_state(a.state_dict(), graph, random_permutations(graph, torch.Generator().manual_seed(5)))
+    )
+    params = {"solver": solver, "lam": lam, "reset_bn": False}
+    merged = build_method("mudsc", params)([a, b], MergeContext(cpu, batches))
+    x = torch.randn(6, 1, 8, 8)
+    torch.testing.assert_close(merged(x)["A"], a(x)["A"], atol=1e-5, rtol=1e-5)
+
+
+def test_weight_correlation_by_hand(make_model):
+    """One hidden space of a 1-hidden-layer MLP: unit vectors are [row of fc0; column of the next layer]."""
+    a = make_model("mlp", {"hidden": [2], "batch_norm": False}, {"A": 2}, input_shape=(1, 1, 2), seed=1)
+    b = make_model("mlp", {"hidden": [2], "batch_norm": False}, {"A": 2}, input_shape=(1, 1, 2), seed=2)
+    graph = a.space_graph()
+    name = graph.spaces[0].name
+    rows = []
+    for m in (a, b):
+        s = m.state_dict()
+        w_in, bias, w_out = s["body.fc0.linear.weight"], s["body.fc0.linear.bias"], s["heads.A.weight"]
+        rows.append(torch.cat([w_in, bias[:, None], w_out.T], 1).double())
+    z = torch.cat(rows)
+    expected = torch.corrcoef(z)
+    got = weight_correlation([a.state_dict(), b.state_dict()], [graph, graph], name, {})
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(got, got.T)
+
+
+def test_weight_correlation_uses_the_current_matching_of_neighbours(make_model):
+    a = make_model("mlp", {"hidden": [3, 3], "batch_norm": False}, {"A": 2}, input_shape=(1, 1, 2), seed=1)
+    graph = a.space_graph()
+    first, second = graph.spaces[0].name, graph.spaces[1].name
+    perm = torch.tensor([2, 0, 1])
+    b = copy.deepcopy(a)
+    b.load_state_dict(permute_state(a.state_dict(), graph, {first: perm}))
+    states, graphs = [a.state_dict(), b.state_dict()], [graph, graph]
+    raw = weight_correlation(states, graphs, second, {})
+    known = {first: SpaceMerge.from_permutations([torch.arange(3), torch.argsort(perm)])}
+    aligned = weight_correlation(states, graphs, second, known)
+    # with the first space matched, every second-space unit of B is exactly its twin in A
+    torch.testing.assert_close(aligned[:3, 3:].diagonal(), torch.ones(3, dtype=torch.float64))
+    assert raw[:3, 3:].diagonal().min() < 0.999
+
+
+def test_merge_value_by_hand():
+    s = torch.tensor([[1.0, 0.2, 0.8], [0.2, 1.0, 0.4], [0.8, 0.4, 1.0]], dtype=torch.float64)
+    merge = SpaceMerge.from_assignment(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64), [2, 1])
+    assert solvers.merge_value(s, merge) == pytest.approx(0.8)
+    three = SpaceMerge.from_assignment(torch.ones(3, 1, dtype=torch.float64), [2, 1])
+    assert solvers.merge_value(s, three) == pytest.approx((0.2 + 0.8 + 0.4) / 3)
+    alone = SpaceMerge.from_assignment(torch.eye(3, dtype=torch.float64), [2, 1])
+    assert solvers.merge_value(s, alone) == 0.0
+
+
+def grouped_space(width, groups, link=None):
+    return FeatureSpace("h", width, (), (), "x", groups=groups, link=link)
+
+
+def feature_similarity(features_a, features_b):
+    corr = torch.corrcoef(torch.cat([features_a, features_b]))
+    return (corr + corr.T) / 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), groups=st.sampled_from([1, 2, 4]), size=st.integers(2, 5))
+def test_group_align_recovers_a_group_respecting_permutation(seed, groups, size):
+    gen = torch.Generator().manual_seed(seed)
+    d = groups * size
+    x = torch.randn(d, 40, generator=gen, dtype=torch.float64)
+    space = grouped_space(d, groups)
+    from hetmerge.spaces import SpaceGraph
+
+    perm = random_permutations(SpaceGraph((space,)), gen)["h"]
+    merge = solvers.align([feature_similarity(x, x[perm])], [space], [(d, d)])[0]
+    # merged unit k reads A's unit k and B's unit perm⁻¹[k]: exactly the twin
+    twin = torch.argsort(perm)
+    assert torch.equal(merge.unmerge[1].argmax(0), twin)
+
+
+def test_group_matching_keeps_groups_whole_even_when_units_move_across_groups():
+    gen = torch.Generator().manual_seed(0)
+    d, groups = 8, 2
+    x = torch.randn(d, 60, generator=gen, dtype=torch.float64)
+    cross_group = torch.tensor([4, 1, 2, 3, 0, 5, 6, 7])  # swaps a unit between the two groups
+    sim = feature_similarity(x, x[cross_group])
+    for solver in (solvers.align, solvers.Zip(0.5, 1.0)):
+        merge = solver([sim], [grouped_space(d, groups)], [(d, d)])[0]
+        size = d // groups
+        for i in range(2):
+            for g in range(groups):
+                # every unit of model i inside merged group g comes from one and the same group of model i
+                members = merge.unmerge[i][:, g * size : (g + 1) * size].nonzero()[:, 0]
+                assert len(members) > 0 and len(set((members // size).tolist())) == 1, (solver, i, g)
+
+
+def test_linked_spaces_pair_groups_identically():
+    """Two linked spaces whose own evidence disagrees on the head pairing get one pairing from the sum."""
+    size, groups = 3, 2
+    d = size * groups
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(d, 50, generator=gen, dtype=torch.float64)
+    swap = torch.cat([torch.arange(size, d), torch.arange(size)])  # B's heads swapped
+    strong = feature_similarity(x, x[swap])
+    weak = feature_similarity(x, x + 0.01 * torch.randn(d, 50, generator=gen, dtype=torch.float64))
+    weak = weak * 0.1
+    spaces = [grouped_space(d, groups, "heads"), FeatureSpace("v", d, (), (), "x", groups=groups, link="heads")]
+    qk, vo = solvers.align([strong, weak], spaces, [(d, d), (d, d)])
+    group_of = [m.unmerge[1].argmax(0) // size for m in (qk, vo)]
+    assert torch.equal(group_of[0], group_of[1])
+    assert torch.equal(group_of[0], torch.tensor([1, 1, 1, 0, 0, 0]))
+
+
+def test_lam_is_chosen_on_the_merge_slice(pair, cpu, batches):
+    stats = collect_statistics(list(pair), batches())
+    seen = []
+
+    def score(model):
+        seen.append(model)
+        return [0.2, 0.7, 0.7, 0.1][len(seen) - 1]
+
+    ctx = MergeContext(cpu, batches, stats=stats, score=score)
+    merged = build_method("mudsc", {"solver": "align", "lam_grid": [0.2, 0.4, 0.6, 0.8]})(list(pair), ctx)
+    assert ctx.notes["lam"] == 0.4  # first of the tied best
+    assert ctx.notes["lam_scores"] == {"0.2": 0.2, "0.4": 0.7, "0.6": 0.7, "0.8": 0.1}
+    assert merged is seen[1]
+    with pytest.raises(MergeError, match="labelled merge slice"):
+        build_method("mudsc", {"solver": "align"})(list(pair), MergeContext(cpu, batches, stats=stats))
+
+
+@pytest.mark.parametrize("bad", [{"lam": 1.5}, {"lam_grid": []}, {"lam_grid": [0.5, -0.1]}])
+def test_bad_lambda_is_rejected(bad):
+    with pytest.raises(MergeError, match="λ"):
+        build_method("mudsc", bad)
+
+
+def test_sweeps_stop_and_are_recorded(pair, cpu, batches):
+    stats = collect_statistics(list(pair), batches())
+    ctx = MergeContext(cpu, batches, stats=stats)
+    build_method("mudsc", {"solver": "align", "lam": 0.5, "max_sweeps": 3})(list(pair), ctx)
+    assert 1 <= ctx.notes["sweeps"]["0.5"] <= 3
+    ctx = MergeContext(cpu, batches, stats=stats)
+    build_method("mudsc", {"solver": "zip", "lam": 1.0})(list(pair), ctx)
+    assert ctx.notes["sweeps"]["1.0"] == 0
+
+
+def test_git_rebasin_rejects_groups_and_names_the_alternative(make_model):
+    model = make_model("resnet", {"depth": 8, "width": 0.5, "norm": "group", "groups": 4}, {"A": 2})
+    with pytest.raises(MergeError, match="mudsc"):
+        build_method("weight_matching")([model, copy.deepcopy(model)], MergeContext(torch.device("cpu")))
