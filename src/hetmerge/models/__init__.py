@@ -9,12 +9,14 @@ from hetmerge.models.base import MultiTaskNet
 from hetmerge.models.mlp import MLP, MLPSpec
 from hetmerge.models.resnet import ResNet, ResNetSpec
 from hetmerge.models.vgg import VGG, VGGSpec
+from hetmerge.models.vit import ViT, ViTSpec
 from hetmerge.params import ParameterError, parse_params
 
 FAMILIES: dict[str, tuple[type[MultiTaskNet], type]] = {
     "mlp": (MLP, MLPSpec),
     "vgg": (VGG, VGGSpec),
     "resnet": (ResNet, ResNetSpec),
+    "vit": (ViT, ViTSpec),
 }
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -16,21 +19,20 @@ class BasicBlock(nn.Module):
     """conv-BN-ReLU-conv-BN plus shortcut, then ReLU.
 
     The shortcut is a 3x3 conv + BN when the stride or width changes (as in the papers' code, not the
-    usual 1x1), identity otherwise.
+    usual 1x1), identity otherwise. `norm` builds each normalisation from its channel count; the modules
+    keep the BN names (bn1, bn2, shortcut.1) whatever they are, so descriptions and checkpoints stay valid.
     """
 
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
+        self.bn1 = norm(c_out)
         self.act1 = nn.ReLU()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        self.bn2 = norm(c_out)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), norm(c_out))
         self.act2 = nn.ReLU()
 
     @property
@@ -44,8 +46,12 @@ class BasicBlock(nn.Module):
 
 @dataclass(frozen=True)
 class ResNetSpec:
+    """`norm="group"` uses GroupNorm with `groups` groups (batch-independent, so no statistics to reset)."""
+
     depth: int = 20
     width: float = 1.0
+    norm: Literal["batch", "group"] = "batch"
+    groups: int = 8
 
 
 class ResNet(MultiTaskNet):
@@ -58,15 +64,28 @@ class ResNet(MultiTaskNet):
             raise ValueError(f"resnet: depth must be 6n+2 (20, 26, 50, ...), got {self.spec.depth}")
         return (self.spec.depth - 2) // 6
 
+    @property
+    def norm_groups(self) -> int:
+        """Groups of every feature space: GroupNorm only keeps its function under moves that respect its groups."""
+        return self.spec.groups if self.spec.norm == "group" else 1
+
     def build_body(self) -> tuple[nn.Sequential, int]:
         planes = [scaled(c, self.spec.width) for c in (16, 32, 64)]
+        norm: Callable[[int], nn.Module] = nn.BatchNorm2d
+        if self.spec.norm == "group":
+            if self.spec.groups < 1 or any(c % self.spec.groups for c in planes):
+                raise ValueError(
+                    f"resnet: 'groups' ({self.spec.groups}) must divide every channel count {planes} "
+                    f"(set by 'width' {self.spec.width})"
+                )
+            norm = functools.partial(nn.GroupNorm, self.spec.groups)
         body = nn.Sequential()
-        body.add_module("stem", ConvUnit(self.input_shape[0], planes[0], batch_norm=True))
+        body.add_module("stem", ConvUnit(self.input_shape[0], planes[0], norm=norm))
         c_in = planes[0]
         for s, c_out in enumerate(planes, start=1):
             for b in range(self.blocks_per_stage):
                 stride = 2 if s > 1 and b == 0 else 1
-                body.add_module(f"s{s}b{b}", BasicBlock(c_in, c_out, stride))
+                body.add_module(f"s{s}b{b}", BasicBlock(c_in, c_out, stride, norm))
                 c_in = c_out
         body.add_module("gap", GlobalPool())
         init_weights(body)
@@ -74,8 +93,10 @@ class ResNet(MultiTaskNet):
 
     def body_spaces(self, head_consumers: tuple[AxisRef, ...]) -> SpaceGraph:
         """Residual streams are tied across every block writing into them; each block has an inner space."""
+        stats = self.spec.norm == "batch"
+        groups = self.norm_groups
         stream = {"name": "stage1", "producers": [*linear_producer("body.stem.conv", bias=False)]}
-        stream["producers"] += norm_producer("body.stem.norm")
+        stream["producers"] += norm_producer("body.stem.norm", stats)
         stream_consumers: list[AxisRef] = []
         stream_width = self.body.stem.conv.out_channels
         observe = "body.stem"
@@ -83,7 +104,8 @@ class ResNet(MultiTaskNet):
         cuts: list[str | None] = [None, "stage1"]
 
         def close_stream(consumers: tuple[AxisRef, ...]) -> None:
-            spaces.append(FeatureSpace(stream["name"], stream_width, tuple(stream["producers"]), consumers, observe))
+            producers = tuple(stream["producers"])
+            spaces.append(FeatureSpace(stream["name"], stream_width, producers, consumers, observe, groups=groups))
 
         for name, block in self.body.named_children():
             if not isinstance(block, BasicBlock):
@@ -93,15 +115,15 @@ class ResNet(MultiTaskNet):
                 close_stream((*stream_consumers, consumer(f"{unit}.conv1"), consumer(f"{unit}.shortcut.0")))
                 stream = {"name": f"stage{name[1]}", "producers": []}
                 stream["producers"] += linear_producer(f"{unit}.shortcut.0", bias=False)
-                stream["producers"] += norm_producer(f"{unit}.shortcut.1")
+                stream["producers"] += norm_producer(f"{unit}.shortcut.1", stats)
                 stream_consumers = []
                 stream_width = block.conv2.out_channels
             else:
                 stream_consumers.append(consumer(f"{unit}.conv1"))
             stream["producers"] += linear_producer(f"{unit}.conv2", bias=False)
-            stream["producers"] += norm_producer(f"{unit}.bn2")
+            stream["producers"] += norm_producer(f"{unit}.bn2", stats)
             observe = unit
-            inner = linear_producer(f"{unit}.conv1", bias=False) + norm_producer(f"{unit}.bn1")
+            inner = linear_producer(f"{unit}.conv1", bias=False) + norm_producer(f"{unit}.bn1", stats)
             spaces.append(
                 FeatureSpace(
                     f"{name}.inner",
@@ -109,6 +131,7 @@ class ResNet(MultiTaskNet):
                     inner,
                     (consumer(f"{unit}.conv2"),),
                     f"{unit}.act1",
+                    groups=groups,
                 )
             )
             cuts.append(stream["name"])

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 
 class ConvUnit(nn.Sequential):
-    """conv → (BatchNorm) → ReLU; its output is one feature space."""
+    """conv → (norm) → ReLU; its output is one feature space.
 
-    def __init__(self, c_in: int, c_out: int, batch_norm: bool, stride: int = 1) -> None:
+    `norm` is True for BatchNorm, False for none, or a factory `channels → module` (e.g. GroupNorm). The
+    conv has a bias only without a norm, whose own bias would make it redundant.
+    """
+
+    def __init__(self, c_in: int, c_out: int, norm: bool | Callable[[int], nn.Module], stride: int = 1) -> None:
+        make_norm = nn.BatchNorm2d if norm is True else norm or None
         layers: dict[str, nn.Module] = {
-            "conv": nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=not batch_norm)
+            "conv": nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=make_norm is None)
         }
-        if batch_norm:
-            layers["norm"] = nn.BatchNorm2d(c_out)
+        if make_norm is not None:
+            layers["norm"] = make_norm(c_out)
         layers["act"] = nn.ReLU()
         super().__init__()
         for name, layer in layers.items():
