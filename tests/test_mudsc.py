@@ -226,3 +226,50 @@ def test_git_rebasin_rejects_groups_and_names_the_alternative(make_model):
     model = make_model("resnet", {"depth": 8, "width": 0.5, "norm": "group", "groups": 4}, {"A": 2})
     with pytest.raises(MergeError, match="mudsc"):
         build_method("weight_matching")([model, copy.deepcopy(model)], MergeContext(torch.device("cpu")))
+
+
+VIT = {"patch": 4, "depth": 2, "width": 16, "heads": 4}
+
+
+@pytest.mark.parametrize("method", ["permute", "zipit", "mudsc"])
+def test_vit_merged_with_a_head_permuted_copy_is_the_original(make_model, cpu, method):
+    """Group matching finds the heads (and units inside them) again; every merged head is one head."""
+    a = make_model("vit", VIT, {"A": 3}, seed=1).eval()
+    graph = a.space_graph()
+    b = copy.deepcopy(a)
+    b.load_state_dict(
+        permute_state(a.state_dict(), graph, random_permutations(graph, torch.Generator().manual_seed(2)))
+    )
+    gen = torch.Generator().manual_seed(3)
+    data = [torch.randn(8, 1, 8, 8, generator=gen) for _ in range(2)]
+    params = {"mudsc": {"solver": "zip", "lam": 0.5}, "zipit": {"alpha": 0.5, "beta": 1.0}}.get(method, {})
+    merged = build_method(method, params)([a, b], MergeContext(cpu, lambda: iter(data)))
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(merged(x)["A"], a(x)["A"], atol=1e-5, rtol=1e-5)
+
+
+def test_vit_heads_stay_heads_in_a_real_merge(make_model, cpu):
+    a = make_model("vit", VIT, {"A": 3}, seed=1).eval()
+    b = make_model("vit", VIT, {"B": 3}, seed=2).eval()
+    gen = torch.Generator().manual_seed(3)
+    data = [torch.randn(8, 1, 8, 8, generator=gen) for _ in range(2)]
+    ctx = MergeContext(cpu, lambda: iter(data))
+    stats = ctx.statistics([a, b])
+    from hetmerge.methods.spacewise import match_activations
+
+    merges = match_activations([a, b], stats, solvers.Zip(0.5, 1.0))
+    size = VIT["width"] // VIT["heads"]
+    for name in ("block0.qk", "block0.vo", "block1.qk"):
+        for i in range(2):
+            sources = [
+                set((merges[name].unmerge[i][:, h * size : (h + 1) * size].nonzero()[:, 0] // size).tolist())
+                for h in range(VIT["heads"])
+            ]
+            assert all(len(s) <= 1 for s in sources), (name, i, sources)
+    # a head's query/key and value/output units come from the same source head
+    for i in range(2):
+        for h in range(VIT["heads"]):
+            cols = slice(h * size, (h + 1) * size)
+            qk = set((merges["block0.qk"].unmerge[i][:, cols].nonzero()[:, 0] // size).tolist())
+            vo = set((merges["block0.vo"].unmerge[i][:, cols].nonzero()[:, 0] // size).tolist())
+            assert not qk or not vo or qk == vo, (i, h, qk, vo)

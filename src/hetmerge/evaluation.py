@@ -99,18 +99,19 @@ def cost(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     """Parameters and multiply-accumulates of one forward pass on one input.
 
     Only modules that actually run are counted, so a partial zip's unused trunk layers cost nothing.
-    FLOPs follow the papers' (fvcore) convention of one FLOP per multiply-accumulate.
+    FLOPs follow the papers' (fvcore) convention of one FLOP per multiply-accumulate of convolutions and
+    linear layers; attention's q·kᵀ and weights·v products are not counted.
     """
     ran: dict[int, nn.Module] = {}
     total = [0]
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
         ran[id(module)] = module
-        if isinstance(output, torch.Tensor):
+        if isinstance(output, torch.Tensor) and not list(module.children()):
             total[0] += _macs(module, output)
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
+    # every module, not only leaves: a ViT's class token and position table belong to a container
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
     was_training = model.training
     model.eval()
     try:

@@ -54,6 +54,9 @@ def resolve_cut(model: MultiTaskNet, stop_after: str | None) -> int | None:
     valid = [u for k, u in enumerate(units, start=1) if cuts[k] is not None and k < len(units)]
     if stop_after not in valid:
         raise MergeError(f"cannot stop merging after unit {stop_after!r}; valid units: {valid}")
+    space = model.space_graph()[cuts[units.index(stop_after) + 1]]
+    if space.unit_dim != 1:
+        raise MergeError(f"partial merging hands over channel-first features only; {space.name!r} has token features")
     return units.index(stop_after) + 1
 
 
