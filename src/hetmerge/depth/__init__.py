@@ -1,0 +1,49 @@
+"""Depth heterogeneity: layer similarity (minibatch CKA) and the alignment of a shallow model's blocks to
+a deeper model's positions, before the shallow model is padded with identity blocks (algorithms.md §4)."""
+
+from hetmerge.depth.alignment import (
+    STRATEGIES,
+    DepthAlignment,
+    Positions,
+    Strategy,
+    align_depths,
+    get_strategy,
+    head_alignment,
+    head_tail_alignment,
+    layer_alignment,
+    layer_code_alignment,
+    layer_code_score,
+    layer_score,
+    segment_alignment,
+    segment_score,
+    stage_offsets,
+    stage_similarity,
+    to_global,
+    to_local,
+    uniform_alignment,
+)
+from hetmerge.depth.cka import CKAAccumulator, layer_cka
+
+__all__ = [
+    "STRATEGIES",
+    "CKAAccumulator",
+    "DepthAlignment",
+    "Positions",
+    "Strategy",
+    "align_depths",
+    "get_strategy",
+    "head_alignment",
+    "head_tail_alignment",
+    "layer_alignment",
+    "layer_cka",
+    "layer_code_alignment",
+    "layer_code_score",
+    "layer_score",
+    "segment_alignment",
+    "segment_score",
+    "stage_offsets",
+    "stage_similarity",
+    "to_global",
+    "to_local",
+    "uniform_alignment",
+]
