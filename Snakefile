@@ -20,6 +20,7 @@ include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/merge.smk"
 include: "rules/evaluate.smk"
+include: "rules/analysis.smk"
 include: "rules/report.smk"
 
 

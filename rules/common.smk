@@ -54,6 +54,20 @@ def _check_config():
         for method in exp["methods"]:
             if method not in config["methods"]:
                 raise WorkflowError(f"experiments.{name}.methods: unknown method {method!r}")
+        for method in exp["lambda_sweep"]:
+            entry = config["methods"].get(method, {})
+            if method not in exp["methods"] or entry["method"] != "mudsc" or "lam" in entry["params"]:
+                raise WorkflowError(
+                    f"experiments.{name}.lambda_sweep: {method!r} must be one of the experiment's mudsc rows "
+                    "that choose λ (no fixed lam)"
+                )
+        plane = exp.get("landscape")
+        if plane is not None:
+            entry = config["methods"].get(plane, {})
+            if plane not in exp["methods"] or entry["method"] == "ensemble" or "stop_after" in entry["params"]:
+                raise WorkflowError(f"experiments.{name}.landscape: {plane!r} must be a fully merged row of it")
+            if len(exp["models"]) != 2:
+                raise WorkflowError(f"experiments.{name}.landscape: the plane needs exactly two models")
 
 
 def train_settings(arch):
@@ -124,17 +138,50 @@ def all_eval_paths():
     ]
 
 
+def lambda_sweep_path(seed, experiment, method):
+    return f"{RESULTS}/analysis/{DATASET}/s{seed}/{experiment}/lambda_{method}.json"
+
+
+def landscape_path(seed, experiment):
+    return f"{RESULTS}/analysis/{DATASET}/s{seed}/{experiment}/landscape.json"
+
+
+def all_analysis_paths():
+    """λ sweeps for every pair; the loss landscape for the first pair only (it is one figure)."""
+    paths = []
+    for exp, entry in config["experiments"].items():
+        paths += [lambda_sweep_path(seed, exp, m) for seed in SEEDS for m in entry["lambda_sweep"]]
+        if entry.get("landscape"):
+            paths.append(landscape_path(SEEDS[0], exp))
+    return paths
+
+
+def landscape_merges(wc):
+    """Every fully merged row of the experiment (ensembles and partial zips have no single weight vector)."""
+    rows = [
+        m
+        for m in config["experiments"][wc.experiment]["methods"]
+        if config["methods"][m]["method"] != "ensemble" and "stop_after" not in config["methods"][m]["params"]
+    ]
+    return {m: f"{RESULTS}/merges/{DATASET}/s{wc.seed}/{wc.experiment}/{m}.safetensors" for m in rows}
+
+
 def report_outputs():
+    """Every file the report writes (its builders and this list must agree; a test runs both)."""
     paper = f"{RESULTS}/paper"
     outputs = [f"{paper}/main.tex", f"{paper}/results.csv", f"{paper}/tables/summary_{DATASET}.tex"]
-    outputs += [f"{paper}/tables/accuracy_{DATASET}_{exp}.tex" for exp in config["experiments"]]
+    for exp, entry in config["experiments"].items():
+        table = "mudsc" if entry["table"] == "mudsc" else "accuracy"
+        outputs.append(f"{paper}/tables/{table}_{DATASET}_{exp}.tex")
     outputs += [f"{paper}/figures/joint_accuracy_{DATASET}.{ext}" for ext in ("pdf", "png")]
-    outputs += [
-        f"{paper}/figures/partial_zip_{DATASET}_{exp}.{ext}"
-        for exp, entry in config["experiments"].items()
-        if any(config["methods"][m]["method"] == "zipit" for m in entry["methods"])
-        for ext in ("pdf", "png")
-    ]
+    for exp, entry in config["experiments"].items():
+        rows = [config["methods"][m] for m in entry["methods"]]
+        if any(r["method"] == "zipit" and "stop_after" in r["params"] for r in rows):
+            outputs += [f"{paper}/figures/partial_zip_{DATASET}_{exp}.{ext}" for ext in ("pdf", "png")]
+        if entry["lambda_sweep"]:
+            outputs += [f"{paper}/figures/lambda_{DATASET}_{exp}.{ext}" for ext in ("pdf", "png", "csv")]
+        if entry.get("landscape"):
+            outputs += [f"{paper}/figures/landscape_{DATASET}_{exp}.{ext}" for ext in ("pdf", "png")]
     return outputs
 
 
@@ -186,9 +233,20 @@ def eval_record(wc):
             "method": wc.entry,
             "label": label,
             "kind": kind,
+            "layout": exp["table"],
             "config": slice_,
         }
     )
+
+
+def analysis_record(wc, kind):
+    exp = config["experiments"][wc.experiment]
+    record = {"kind": kind, "dataset": DATASET, "arch": wc.experiment, "arch_label": experiment_label(wc.experiment)}
+    record["pair"] = int(wc.seed)
+    if kind == "lambda_sweep":
+        entry = config["methods"][wc.method]
+        record.update(method=wc.method, label=entry.get("label", wc.method), solver=entry["params"].get("solver", "zip"))
+    return as_json(record)
 
 
 _check_config()

@@ -1,7 +1,8 @@
 rule report:
     """LaTeX tables (Jinja2), matplotlib figures and a main.tex that includes them."""
     input:
-        all_eval_paths(),
+        results=all_eval_paths(),
+        analysis=all_analysis_paths(),
     output:
         main=report_outputs()[0],
         rest=report_outputs()[1:],
@@ -14,7 +15,8 @@ rule report:
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "python -m hetmerge report --results {input:q} --out-dir {params.out_dir:q} --title {params.title:q} "
+        "python -m hetmerge report --results {input.results:q} --analysis {input.analysis:q} "
+        "--out-dir {params.out_dir:q} --title {params.title:q} "
         "--method-order {params.order:q} > {log:q} 2>&1"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from typing import Any
 import jinja2
 import pytest
 
+from hetmerge.cli import main as cli_main
 from hetmerge.report import (
     LatexUnavailableError,
     aggregate,
@@ -20,7 +23,8 @@ from hetmerge.report import (
     latex_escape,
 )
 from hetmerge.report.aggregate import methods_in
-from hetmerge.report.latex import LATEX_PACKAGES, format_accuracy, humanize_count
+from hetmerge.report.figures import LAMBDA_COLUMNS
+from hetmerge.report.latex import LATEX_PACKAGES, format_accuracy, format_lams, humanize_count
 
 METHODS = {
     "base_a": ("Model A", "base"),
@@ -28,8 +32,10 @@ METHODS = {
     "ensemble": ("Ensemble", "base"),
     "weight_avg": ("W.Avg & co", "merge"),
     "zipit": ("ZipIt!_{13/20}", "merge"),
+    "mudsc_align": ("MuDSC (align)", "merge"),
+    "mudsc_zip": ("MuDSC (zip)", "merge"),
 }
-ARCHS = {"resnet": "ResNet-20", "vgg": "VGG-11 #4"}
+ARCHS = {"resnet": "ResNet-20", "vgg": "VGG-11 #4", "vit": "ViT-T"}
 
 
 def record(
@@ -41,9 +47,14 @@ def record(
     *,
     arch: str = "resnet",
     dataset: str = "fashion_mnist",
+    layout: str | None = None,
+    lam: float | None = None,
 ) -> dict[str, Any]:
     label, kind = METHODS[method]
     known = [x for x in (a, b) if x is not None]
+    extra: dict[str, Any] = {} if layout is None else {"layout": layout}
+    if lam is not None:
+        extra["source"] = {"method": "mudsc", "params": {"lam": None}, "notes": {"lam": lam, "sweeps": {}}}
     return {
         "dataset": dataset,
         "arch": arch,
@@ -60,6 +71,7 @@ def record(
             "flops": 41_000_000,
         },
         "provenance": {"note": "anything"},
+        **extra,
     }
 
 
@@ -80,6 +92,105 @@ RECORDS = [
     record("base_a", 0, 0.55, 0.9, None, arch="vgg"),
     record("base_a", 1, 0.57, 0.9, None, arch="vgg"),
 ]
+
+
+def vit(method: str, pair: int, joint: float, a: float | None, b: float | None, lam: float | None = None) -> dict:
+    return record(method, pair, joint, a, b, arch="vit", layout="mudsc", lam=lam)
+
+
+# A "mudsc"-layout experiment. By hand (mean ± sample std over the two pairs, in %):
+# MuDSC (align): joint 72.0 ± 2.8, avg 83.0 ± 1.4, A 81.0 ± 1.4, B 85.0 ± 1.4, λ 0.4 then 0.6;
+# MuDSC (zip):   joint 74.0 ± 2.8, avg 84.0 ± 1.4, A 87.0 ± 1.4, B 81.0 ± 1.4, λ 0.3 both times.
+MUDSC_RECORDS = [
+    vit("base_a", 0, 0.50, 0.90, None),
+    vit("base_a", 1, 0.60, 0.92, None),
+    vit("base_b", 0, 0.52, None, 0.88),
+    vit("base_b", 1, 0.58, None, 0.86),
+    vit("ensemble", 0, 0.80, 0.91, 0.87),
+    vit("ensemble", 1, 0.82, 0.93, 0.85),
+    vit("weight_avg", 0, 0.40, 0.60, 0.62),
+    vit("weight_avg", 1, 0.44, 0.64, 0.66),
+    vit("mudsc_align", 0, 0.70, 0.80, 0.84, lam=0.4),
+    vit("mudsc_align", 1, 0.74, 0.82, 0.86, lam=0.6),
+    vit("mudsc_zip", 0, 0.72, 0.86, 0.80, lam=0.3),
+    vit("mudsc_zip", 1, 0.76, 0.88, 0.82, lam=0.3),
+]
+MUDSC_ORDER = ["base_a", "base_b", "ensemble", "weight_avg", "zipit", "mudsc_align", "mudsc_zip"]
+
+
+def sweep(method: str, solver: str, pair: int, peak: int, offset: float) -> dict[str, Any]:
+    """A λ sweep whose test accuracy peaks at λ = peak / 10; the merge slice reads 1 point higher."""
+
+    def accuracy(joint: float) -> dict[str, Any]:
+        return {"joint": joint, "task_avg": joint, "tasks": {"A": joint, "B": joint}}
+
+    points = []
+    for i in range(11):
+        test = 0.5 + offset + 0.002 * i * (2 * peak - i)
+        points.append({"lam": i / 10, "selectable": 0 < i < 10, "merge": accuracy(test + 0.01), "test": accuracy(test)})
+    return {
+        "kind": "lambda_sweep",
+        "dataset": "fashion_mnist",
+        "arch": "vit",
+        "arch_label": "ViT-T",
+        "pair": pair,
+        "method": method,
+        "label": METHODS[method][0],
+        "solver": solver,
+        "points": points,
+        "chosen": peak / 10,
+    }
+
+
+SWEEPS = [
+    sweep("mudsc_zip", "zip", 0, 5, 0.01),
+    sweep("mudsc_zip", "zip", 1, 6, 0.01),
+    sweep("mudsc_align", "align", 0, 5, 0.0),
+    sweep("mudsc_align", "align", 1, 6, 0.0),
+]
+
+
+def landscape() -> dict[str, Any]:
+    """Task A's loss is lowest at Model A (0, 0), task B's at Model B (1, 0); ZipIt! lies off the plane."""
+    xs = [-0.5 + 0.25 * i for i in range(9)]
+    ys = [-0.5 + 0.25 * j for j in range(7)]
+
+    def loss(cx: float, cy: float) -> list[list[float]]:
+        return [[0.05 + 4 * ((x - cx) ** 2 + (y - cy) ** 2) for x in xs] for y in ys]
+
+    def point(method: str, x: float, y: float, off_plane: float) -> dict[str, Any]:
+        label = METHODS[method][0]
+        return {"method": method, "label": label, "x": x, "y": y, "off_plane": off_plane, "loss": {"A": 1, "B": 1}}
+
+    return {
+        "kind": "landscape",
+        "dataset": "fashion_mnist",
+        "arch": "vit",
+        "arch_label": "ViT-T",
+        "pair": 0,
+        "plane": {"origin": "base_a", "u": "base_b", "v": "mudsc_align"},
+        "images": "test (100 per task)",
+        "bn_reset": True,
+        "x": xs,
+        "y": ys,
+        "loss": {"A": loss(0, 0), "B": loss(1, 0)},
+        "points": [
+            point("base_a", 0.0, 0.0, 0.0),
+            point("base_b", 1.0, 0.0, 0.0),
+            point("mudsc_align", 0.5, 1.0, 1e-9),
+            point("zipit", 0.4, 0.3, 0.25),
+        ],
+    }
+
+
+ANALYSIS = [*SWEEPS, landscape()]
+
+
+@pytest.fixture(scope="module")
+def mudsc_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    out_dir = tmp_path_factory.mktemp("mudsc_report")
+    written = build_report(RECORDS + MUDSC_RECORDS, out_dir, title="MuDSC", method_order=MUDSC_ORDER, analysis=ANALYSIS)
+    return out_dir, written
 
 
 @pytest.fixture(scope="module")
@@ -249,9 +360,144 @@ def compile_or_skip(main_tex: Path) -> Path:
         pytest.skip(f"no LaTeX engine; install {LATEX_PACKAGES}")
 
 
+def test_mudsc_table(mudsc_report: tuple[Path, list[Path]]) -> None:
+    out_dir, _ = mudsc_report
+    table = (out_dir / "tables" / "mudsc_fashion_mnist_vit.tex").read_text()
+    assert "Method & Joint & Per-Task Avg & Task A & Task B & $\\lambda$ \\\\" in table
+    assert "\\label{tab:mudsc-fashion_mnist-vit}" in table and "mean $\\pm$ std over 2 model pairs" in table
+    labels = ["Model A", "Model B", "Ensemble", "W.Avg \\& co", "MuDSC (align)", "MuDSC (zip)"]
+    positions = [table.index(row_of(table, label)) for label in labels]
+    assert positions == sorted(positions)
+    # Best merge per column: zip on Joint, Avg and A, align on B; base models and the ensemble never bold.
+    assert row_of(table, "MuDSC (align)") == (
+        "MuDSC (align) & 72.0 $\\pm$ 2.8 & 83.0 $\\pm$ 1.4 & 81.0 $\\pm$ 1.4 & \\textbf{85.0 $\\pm$ 1.4} & 0.4/0.6 \\\\"
+    )
+    assert row_of(table, "MuDSC (zip)") == (
+        "MuDSC (zip) & \\textbf{74.0 $\\pm$ 2.8} & \\textbf{84.0 $\\pm$ 1.4} & \\textbf{87.0 $\\pm$ 1.4} & "
+        "81.0 $\\pm$ 1.4 & 0.3/0.3 \\\\"
+    )
+    assert row_of(table, "Model A") == "Model A & 55.0 $\\pm$ 7.1 & 91.0 $\\pm$ 1.4 & 91.0 $\\pm$ 1.4 & -- & -- \\\\"
+    assert row_of(table, "Ensemble").endswith("& -- \\\\") and "\\textbf" not in row_of(table, "Ensemble")
+    assert table.count("\\textbf") == 4
+    assert "chosen by joint accuracy on the merge slice" in table
+
+
+def test_mudsc_layout_replaces_only_the_accuracy_table(mudsc_report: tuple[Path, list[Path]]) -> None:
+    out_dir, written = mudsc_report
+    names = {path.relative_to(out_dir).as_posix() for path in written}
+    assert "tables/accuracy_fashion_mnist_vit.tex" not in names
+    assert not (out_dir / "tables" / "accuracy_fashion_mnist_vit.tex").exists()
+    assert {"tables/accuracy_fashion_mnist_resnet.tex", "tables/mudsc_fashion_mnist_vit.tex"} <= names
+    assert not any(name.startswith("tables/mudsc_") and "vit" not in name for name in names)
+    summary = (out_dir / "tables" / "summary_fashion_mnist.tex").read_text()
+    assert "Method & ResNet-20 & VGG-11 \\#4 & ViT-T \\\\" in summary
+    assert row_of(summary, "MuDSC (zip)") == "MuDSC (zip) & -- & -- & \\textbf{74.0 $\\pm$ 2.8} \\\\"
+    main = (out_dir / "main.tex").read_text()
+    assert "\\input{tables/mudsc_fashion_mnist_vit.tex}" in main
+
+
+def test_layout_must_be_known_and_agree(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown table layout 'fancy'"):
+        build_report([record("zipit", 0, 0.5, layout="fancy")], tmp_path, title="t")
+    mixed = [record("zipit", 0, 0.5), record("zipit", 1, 0.6, layout="mudsc")]
+    with pytest.raises(ValueError, match="disagree on 'layout'"):
+        build_report(mixed, tmp_path, title="t")
+
+
+def test_format_lams() -> None:
+    assert format_lams({1: 0.6, 0: 0.4}) == "0.4/0.6"
+    assert format_lams({0: 0.30000000000000004, 1: None}) == "0.3/--"
+    assert format_lams({0: None}) == "--"
+
+
+def test_lambda_figure_and_csv(mudsc_report: tuple[Path, list[Path]]) -> None:
+    out_dir, written = mudsc_report
+    stem = out_dir / "figures" / "lambda_fashion_mnist_vit"
+    for ext in ("pdf", "png", "csv"):
+        assert stem.with_suffix(f".{ext}") in written
+    with open(stem.with_suffix(".csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == LAMBDA_COLUMNS
+    # Method order as in the tables (align before zip), then λ ascending.
+    assert [(row["method"], float(row["lam"])) for row in rows[:2]] == [("mudsc_align", 0.0), ("mudsc_align", 0.1)]
+    assert [row["method"] for row in rows] == ["mudsc_align"] * 11 + ["mudsc_zip"] * 11
+    for row in rows:
+        of_method = [record for record in SWEEPS if record["method"] == row["method"]]
+        points = [next(p for p in record["points"] if p["lam"] == float(row["lam"])) for record in of_method]
+        test = [point["test"]["joint"] for point in points]
+        merge = [point["merge"]["joint"] for point in points]
+        assert float(row["test_joint_mean"]) == pytest.approx(sum(test) / 2, abs=1e-12)
+        assert float(row["merge_joint_mean"]) == pytest.approx(sum(merge) / 2, abs=1e-12)
+        assert float(row["test_joint_std"]) == pytest.approx(abs(test[0] - test[1]) / math.sqrt(2), abs=1e-12)
+        assert row["selectable"] == str(0 < float(row["lam"]) < 1)
+        assert int(row["test_joint_n"]) == 2 and int(row["n_pairs"]) == 2
+    # By hand: align at λ 0.5 reads 0.55 (pair 0) and 0.57 (pair 1); pair 0 chose 0.5, pair 1 chose 0.6.
+    at = {(row["method"], row["lam"]): row for row in rows}
+    assert float(at[("mudsc_align", "0.5")]["test_joint_mean"]) == pytest.approx(0.56)
+    assert float(at[("mudsc_zip", "0.5")]["merge_joint_mean"]) == pytest.approx(0.58)
+    assert {key: int(row["chosen_pairs"]) for key, row in at.items() if int(row["chosen_pairs"])} == {
+        ("mudsc_align", "0.5"): 1,
+        ("mudsc_align", "0.6"): 1,
+        ("mudsc_zip", "0.5"): 1,
+        ("mudsc_zip", "0.6"): 1,
+    }
+    main = (out_dir / "main.tex").read_text()
+    assert "\\includegraphics{figures/lambda_fashion_mnist_vit.pdf}" in main
+    assert "\\label{fig:lambda-fashion_mnist-vit}" in main and "candidates 0.1 to 0.9" in main
+
+
+def test_landscape_figure(mudsc_report: tuple[Path, list[Path]]) -> None:
+    out_dir, written = mudsc_report
+    for ext in ("pdf", "png"):
+        path = out_dir / "figures" / f"landscape_fashion_mnist_vit.{ext}"
+        assert path in written and path.stat().st_size > 0
+    main = (out_dir / "main.tex").read_text()
+    assert "\\includegraphics{figures/landscape_fashion_mnist_vit.pdf}" in main
+    caption = next(line for line in main.splitlines() if "loss landscape" in line)
+    assert "through Model A (origin), Model B and MuDSC (align)" in caption
+    # Only ZipIt! is off the plane (MuDSC (align)'s 1e-9 is rounding); the caption names it and its distance.
+    assert "ZipIt!\\_\\{13/20\\} at distance 0.25" in caption and "MuDSC (align) at distance" not in caption
+    assert "BatchNorm" in caption and "merge slice" in caption and "test (100 per task)" in caption
+
+
+def test_analysis_report_is_byte_identical_on_rerun(mudsc_report: tuple[Path, list[Path]]) -> None:
+    out_dir, written = mudsc_report
+    before = {path: path.read_bytes() for path in written}
+    again = build_report(
+        RECORDS + MUDSC_RECORDS, out_dir, title="MuDSC", method_order=MUDSC_ORDER, analysis=ANALYSIS[::-1]
+    )
+    assert again == written
+    assert {path: path.read_bytes() for path in again} == before
+
+
+def test_unknown_analysis_kind_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown kind \\['nonsense'\\]"):
+        build_report(RECORDS, tmp_path, title="t", analysis=[{"kind": "nonsense"}])
+
+
+def test_cli_report_reads_analysis(tmp_path: Path) -> None:
+    results, analysis = [], []
+    for i, item in enumerate(MUDSC_RECORDS):
+        results.append(tmp_path / f"result{i}.json")
+        results[-1].write_text(json.dumps(item))
+    for i, item in enumerate(ANALYSIS):
+        analysis.append(tmp_path / f"analysis{i}.json")
+        analysis[-1].write_text(json.dumps(item))
+    out_dir = tmp_path / "paper"
+    argv = ["report", "--results", *map(str, results), "--out-dir", str(out_dir), "--analysis", *map(str, analysis)]
+    assert cli_main(argv) == 0
+    assert (out_dir / "figures" / "lambda_fashion_mnist_vit.csv").exists()
+    assert (out_dir / "figures" / "landscape_fashion_mnist_vit.pdf").exists()
+    assert cli_main(["report", "--results", str(results[0]), "--out-dir", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "figures" / "lambda_fashion_mnist_vit.csv").exists()
+
+
 @pytest.mark.slow
 def test_compile_latex(tmp_path: Path) -> None:
-    build_report(RECORDS, tmp_path, title="Results & more")
+    # Every kind of artifact: standard and MuDSC tables, bar, λ and landscape figures.
+    build_report(RECORDS + MUDSC_RECORDS, tmp_path, title="Results & more", analysis=ANALYSIS)
+    assert (tmp_path / "tables" / "mudsc_fashion_mnist_vit.tex").exists()
+    assert (tmp_path / "figures" / "landscape_fashion_mnist_vit.pdf").exists()
     pdf = compile_or_skip(tmp_path / "main.tex")
     assert pdf == tmp_path / "main.pdf"
     assert pdf.read_bytes().startswith(b"%PDF")

@@ -7,6 +7,7 @@ the stages whose arguments changed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -129,20 +130,14 @@ def cmd_statistics(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from hetmerge.checkpoint import load_base_model, save_model
-    from hetmerge.data import load_prepared, load_split
+    from hetmerge.checkpoint import save_model
     from hetmerge.evaluation import accuracies
     from hetmerge.methods import MergeContext, build_method
     from hetmerge.params import as_dict
     from hetmerge.provenance import provenance
-    from hetmerge.statistics import load_statistics
 
-    device = _setup(args.threads, args.device)
     method = build_method(args.method, args.params)
-    ds, split = load_prepared(args.data), load_split(args.split)
-    models = [load_base_model(path)[0] for path in args.models]
-    stats = load_statistics(args.stats) if args.stats else None
-    batches = _merge_batches(ds, split, args.batch_size, device)
+    device, ds, split, models, stats, batches = _merge_setup(args)
 
     def score(model: Any) -> float:
         return accuracies(model, ds, split, args.batch_size, device, part="merge")["joint"]
@@ -162,6 +157,132 @@ def cmd_merge(args: argparse.Namespace) -> None:
     }
     save_model(merged, args.out, info)
     print(f"{args.method}: merged {len(models)} models in {info['merge_seconds']:.2f}s")
+
+
+def _merge_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list, Any, Any]:
+    """What merging needs: device, dataset, split, base models, statistics and merge-slice batches."""
+    from hetmerge.checkpoint import load_base_model
+    from hetmerge.data import load_prepared, load_split
+    from hetmerge.statistics import load_statistics
+
+    device = _setup(args.threads, args.device)
+    ds, split = load_prepared(args.data), load_split(args.split)
+    models = [load_base_model(path)[0] for path in args.models]
+    stats = load_statistics(args.stats) if getattr(args, "stats", None) else None
+    return device, ds, split, models, stats, _merge_batches(ds, split, args.batch_size, device)
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Merge at every value of one parameter; score each on the merge slice (to choose) and on the test set."""
+    from hetmerge.evaluation import accuracies
+    from hetmerge.methods import MergeContext, build_method
+    from hetmerge.provenance import provenance
+
+    device, ds, split, models, stats, batches = _merge_setup(args)
+    points = []
+    for value in args.values:
+        method = build_method(args.method, {**args.params, args.param: value})
+        merged = method(models, MergeContext(device=device, batches=batches, seed=args.seed, stats=stats))
+        scores = {
+            part: {
+                k: v
+                for k, v in accuracies(merged, ds, split, args.batch_size, device, part).items()
+                if k in ("joint", "task_avg", "tasks")
+            }
+            for part in ("merge", "test")
+        }
+        points.append({args.param: value, "selectable": value in args.selectable, **scores})
+        joint = {part: f"{100 * score['joint']:.1f}" for part, score in scores.items()}
+        print(f"{args.param} {value}: joint {joint['merge']} on the merge slice, {joint['test']} on the test set")
+    candidates = [p for p in points if p["selectable"]]
+    chosen = max(candidates, key=lambda p: p["merge"]["joint"])[args.param] if candidates else None
+    record = {
+        "kind": f"{args.param}_sweep",
+        **args.record,
+        "method_params": args.params,
+        "points": points,
+        "chosen": chosen,
+        "provenance": provenance(device),
+    }
+    write_json(args.out, record)
+
+
+def cmd_landscape(args: argparse.Namespace) -> None:
+    """Each task's loss on the plane through model A, model B and one merge, with all merges placed on it."""
+    import torch
+
+    from hetmerge import landscape as ls
+    from hetmerge.checkpoint import load_model
+    from hetmerge.data import iterate_batches
+    from hetmerge.methods import build_method
+    from hetmerge.provenance import provenance
+
+    device, ds, split, (a, b), _, batches = _merge_setup(args)
+    merges = {}
+    for key, path in zip(args.keys, args.merges, strict=True):
+        merged, meta = load_model(path)
+        if getattr(merged, "branches", None) or getattr(merged, "trunk", None) is None:
+            raise ValueError(f"{path}: only fully merged models lie in a weight space (not ensembles or partial zips)")
+        trunk = merged.trunk.cpu()
+        info = meta["info"]
+        if not build_method(info["method"], info["params"]).keeps_first_basis():
+            trunk = ls.onto_first_basis(trunk, a)
+        merges[key] = (trunk, merged)
+    if args.plane not in merges:
+        raise ValueError(f"plane merge {args.plane!r} is not among the merges {list(merges)}")
+    target = copy.deepcopy(merges[args.plane][0])
+    vectors = {"model_a": ls.parameter_vector(a, target), "model_b": ls.parameter_vector(b, target)}
+    vectors.update({k: ls.parameter_vector(t, target) for k, (t, _) in merges.items()})
+    plane = ls.Plane.through(vectors["model_a"], vectors["model_b"], vectors[args.plane])
+    coords = {k: plane.coordinates(v) for k, v in vectors.items()}
+
+    task_batches = {}
+    for task in split.tasks:
+        idx = torch.as_tensor(split.test_indices[task.name][: args.per_task], dtype=torch.long)
+        local = {c: i for i, c in enumerate(task.classes)}
+        task_batches[task.name] = [
+            (x, torch.as_tensor([local[int(c)] for c in y.tolist()], device=device))
+            for x, y in iterate_batches(
+                ds.test_images, ds.test_labels, idx, args.batch_size, ds.mean, ds.std, device=device
+            )
+        ]
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in target.modules())
+    bn = batches if has_bn else None
+    target = target.to(device)
+
+    def losses(model: Any) -> dict[str, float]:
+        return ls.task_losses(model, task_batches)
+
+    points = []
+    for key, (x, y, off) in coords.items():
+        if key in merges:
+            own = losses(merges[key][1].to(device).eval())
+        else:
+            own = ls.loss_grid(plane, target, [x], [y], losses, bn)
+            own = {t: v[0][0] for t, v in own.items()}
+        label = {"model_a": "Model A", "model_b": "Model B"}.get(
+            key, args.labels[args.keys.index(key)] if key in args.keys else key
+        )
+        points.append({"method": key, "label": label, "x": x, "y": y, "off_plane": off, "loss": own})
+    xs = ls.grid_axis([c[0] for c in coords.values()], args.steps)
+    ys = ls.grid_axis([c[1] for c in coords.values()], args.steps)
+    t0 = time.perf_counter()
+    grid = ls.loss_grid(plane, target, xs, ys, losses, bn)
+    record = {
+        **args.record,
+        "kind": "landscape",
+        "plane": {"origin": "model_a", "u": "model_b", "v": args.plane},
+        "images": f"test ({args.per_task} per task)",
+        "bn_reset": has_bn,
+        "x": xs,
+        "y": ys,
+        "loss": grid,
+        "points": points,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "provenance": provenance(device),
+    }
+    write_json(args.out, record)
+    print(f"landscape of {len(xs)}x{len(ys)} points in {record['seconds']:.1f}s")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -200,11 +321,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from hetmerge.report import build_report
 
-    records = []
-    for path in args.results:
-        with open(path) as handle:
-            records.append(json.load(handle))
-    written = build_report(records, Path(args.out_dir), title=args.title, method_order=args.method_order)
+    def load(paths: Sequence[str]) -> list[Any]:
+        loaded = []
+        for path in paths:
+            with open(path) as handle:
+                loaded.append(json.load(handle))
+        return loaded
+
+    written = build_report(
+        load(args.results),
+        Path(args.out_dir),
+        title=args.title,
+        method_order=args.method_order,
+        analysis=load(args.analysis),
+    )
     print(f"wrote {len(written)} files under {args.out_dir}")
 
 
@@ -292,6 +422,35 @@ def build_parser() -> argparse.ArgumentParser:
     device_args(p)
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser("sweep", help="merge at each value of one parameter, scored on the merge slice and test set")
+    inputs(p, "many")
+    p.add_argument("--method", required=True)
+    p.add_argument("--params", type=_json, default={})
+    p.add_argument("--param", required=True, help="the parameter swept, e.g. lam")
+    p.add_argument("--values", type=float, nargs="+", required=True)
+    p.add_argument("--selectable", type=float, nargs="*", default=[], help="values the method may choose from")
+    p.add_argument("--stats", default=None)
+    p.add_argument("--record", type=_json, default={}, help="JSON fields copied into the result")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    device_args(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("landscape", help="task losses on the plane through model A, model B and a merge")
+    inputs(p, "many")
+    p.add_argument("--merges", nargs="+", required=True, help="merge checkpoints to place on the plane")
+    p.add_argument("--keys", nargs="+", required=True, help="row key of each merge")
+    p.add_argument("--labels", nargs="+", required=True, help="label of each merge")
+    p.add_argument("--plane", required=True, help="key of the merge that spans the plane with A and B")
+    p.add_argument("--steps", type=int, default=11, help="grid points per axis")
+    p.add_argument("--per-task", type=int, default=500, help="test images per task")
+    p.add_argument("--record", type=_json, default={})
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--out", required=True)
+    device_args(p)
+    p.set_defaults(func=cmd_landscape)
+
     p = sub.add_parser("evaluate", help="joint and per-task accuracy, parameters and FLOPs")
     inputs(p, "one")
     p.add_argument("--record", type=_json, default={}, help="JSON fields copied into the result")
@@ -305,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--title", default="hetmerge results")
     p.add_argument("--method-order", nargs="*", default=[])
+    p.add_argument("--analysis", nargs="*", default=[], help="analysis JSON files (λ sweeps, loss landscapes)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("methods", help="list registered merge methods and their parameters")

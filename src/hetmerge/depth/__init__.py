@@ -1,5 +1,5 @@
 """Depth heterogeneity: layer similarity (minibatch CKA) and the alignment of a shallow model's blocks to
-a deeper model's positions, before the shallow model is padded with identity blocks (algorithms.md §4)."""
+a deeper model's positions, and the identity padding of the shallow model to the deep depth (algorithms.md §4)."""
 
 from hetmerge.depth.alignment import (
     STRATEGIES,
@@ -23,6 +23,7 @@ from hetmerge.depth.alignment import (
     uniform_alignment,
 )
 from hetmerge.depth.cka import CKAAccumulator, layer_cka
+from hetmerge.depth.padding import pad_to_depth
 
 __all__ = [
     "STRATEGIES",
@@ -39,6 +40,7 @@ __all__ = [
     "layer_code_alignment",
     "layer_code_score",
     "layer_score",
+    "pad_to_depth",
     "segment_alignment",
     "segment_score",
     "stage_offsets",

@@ -42,15 +42,20 @@ def dual_space_matching(
     max_sweeps: int = 100,
     patience: int = 5,
     seed: int = 0,
+    fixed: Mapping[str, SpaceMerge] | None = None,
 ) -> DualSpaceResult:
-    """Merges of every feature space of `models` from activation correlations (per space) and weights."""
+    """Merges of every feature space of `models` from activation correlations (per space) and weights.
+
+    Spaces in `fixed` keep the given merge (e.g. spaces only one model has, inside identity padding).
+    """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"λ must lie in [0, 1], got {lam}")
     graphs = [m.space_graph() for m in models]
     states = [m.state_dict() for m in models]
-    sets = graphs[0].matching_sets()
+    fixed = dict(fixed or {})
+    sets = [m for m in graphs[0].matching_sets() if m[0].name not in fixed]
     widths = {s.name: tuple(g[s.name].width for g in graphs) for s in graphs[0].spaces}
-    if lam > 0 and (activation is None or any(s.name not in activation for s in graphs[0].spaces)):
+    if lam > 0 and (activation is None or any(s.name not in activation for m in sets for s in m)):
         raise ValueError("dual-space matching with λ > 0 needs the activation correlation of every space")
 
     def solve(members: tuple, merges: Mapping[str, SpaceMerge]) -> tuple[list[SpaceMerge], float]:
@@ -64,7 +69,7 @@ def dual_space_matching(
         found = solver(sims, members, [widths[s.name] for s in members])
         return found, float(np.mean([merge_value(s, m) for s, m in zip(sims, found, strict=True)]))
 
-    merges: dict[str, SpaceMerge] = {}
+    merges: dict[str, SpaceMerge] = dict(fixed)
     values = [0.0] * len(sets)
     if lam > 0:
         for k, members in enumerate(sets):

@@ -51,6 +51,15 @@ class SpaceMerge:
         return cls(tuple((u.T / n).contiguous() for u in unmerge), unmerge)
 
 
+    @classmethod
+    def single(cls, owner: int, widths: Sequence[int]) -> SpaceMerge:
+        """A space only model `owner` really has (e.g. inside identity padding): its units, as they are."""
+        d = widths[owner]
+        eye = torch.eye(d, dtype=torch.float64)
+        merge = tuple(eye if i == owner else torch.zeros(d, w, dtype=torch.float64) for i, w in enumerate(widths))
+        return cls(merge, tuple(m.T.contiguous() for m in merge))
+
+
 def _producer(w: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
     return torch.movedim(torch.tensordot(matrix.to(w.dtype), w, dims=([1], [axis])), 0, axis)
 

@@ -11,12 +11,12 @@ from hetmerge.methods.base import MergeContext, MergeMethod, register, require_s
 from hetmerge.models import MultiTaskNet, build_from_description
 
 
-def union_heads_model(models: Sequence[MultiTaskNet]) -> MultiTaskNet:
-    """A fresh network of the models' architecture with every head any of them has."""
+def union_heads_model(models: Sequence[MultiTaskNet], like: int = 0) -> MultiTaskNet:
+    """A fresh network of model `like`'s architecture with every head any of the models has."""
     heads: dict[str, int] = {}
     for model in models:
         heads.update(model.describe()["heads"])
-    return build_from_description({**models[0].describe(), "heads": heads})
+    return build_from_description({**models[like].describe(), "heads": heads})
 
 
 def mean_state(models: Sequence[MultiTaskNet]) -> dict[str, torch.Tensor]:
@@ -36,6 +36,9 @@ def mean_state(models: Sequence[MultiTaskNet]) -> dict[str, torch.Tensor]:
 @register
 class Average(MergeMethod):
     name = "average"
+
+    def keeps_first_basis(self) -> bool:
+        return True
 
     def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
         require_same_architecture(self.name, models)

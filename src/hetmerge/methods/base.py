@@ -77,6 +77,10 @@ class MergeMethod(abc.ABC):
     def __init__(self, params: MethodParams) -> None:
         self.params = params
 
+    def keeps_first_basis(self) -> bool:
+        """Whether the merge's units are model 0's units in model 0's order (so weights compare directly)."""
+        return False
+
     def check(self, models: Sequence[MultiTaskNet]) -> None:
         """Reject inputs this method cannot merge, saying why."""
         n = len(models)
@@ -109,6 +113,28 @@ def require_same_architecture(method: str, models: Sequence[MultiTaskNet]) -> No
             raise MergeError(
                 f"method {method!r} needs models of one architecture: model 0 is {reference} but model {i} is {other}"
             )
+
+
+def require_same_structure(method: str, models: Sequence[MultiTaskNet]) -> int:
+    """For methods that merge spaces of different widths (elastic zip): same family, spaces and tensors.
+
+    One model must be at least as wide as every other in every space; the merge takes its architecture.
+    Returns that model's index.
+    """
+    graphs = [m.space_graph() for m in models]
+    body = [sorted(k for k in m.state_dict() if not k.startswith("heads.")) for m in models]
+    arch = [{k: v for k, v in m.describe().items() if k in ("family", "spec")} for m in models]
+    for i, graph in enumerate(graphs[1:], start=1):
+        if models[i].family != models[0].family or graph.names != graphs[0].names or body[i] != body[0]:
+            raise MergeError(
+                f"method {method!r} needs models that differ at most in width: model 0 is {arch[0]} but model {i} "
+                f"is {arch[i]} (different depths need depth alignment first: method 'hetero')"
+            )
+    widths = [[g[name].width for name in graphs[0].names] for g in graphs]
+    for i, own in enumerate(widths):
+        if all(all(a >= b for a, b in zip(own, other, strict=True)) for other in widths):
+            return i
+    raise MergeError(f"method {method!r}: no model is at least as wide as the others in every feature space")
 
 
 REGISTRY: dict[str, type[MergeMethod]] = {}

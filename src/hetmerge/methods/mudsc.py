@@ -24,6 +24,7 @@ from hetmerge.methods.base import (
     MethodParams,
     register,
     require_same_architecture,
+    require_same_structure,
 )
 from hetmerge.methods.spacewise import assemble
 from hetmerge.models import MultiTaskNet
@@ -57,9 +58,16 @@ class MuDSC(MergeMethod):
         if not lams or any(not 0.0 <= v <= 1.0 for v in lams):
             raise MergeError(f"method 'mudsc': λ values must lie in [0, 1], got {list(lams)}")
 
+    def keeps_first_basis(self) -> bool:
+        return self.params.solver == "align"
+
     def merge_at(self, models: Sequence[MultiTaskNet], ctx: MergeContext, lam: float) -> MergedModel:
         """The merge for one λ (before the BatchNorm reset)."""
-        require_same_architecture(self.name, models)
+        like = 0
+        if self.params.solver == "align":
+            require_same_architecture(self.name, models)
+        else:
+            like = require_same_structure(self.name, models)
         solver = solvers.align if self.params.solver == "align" else solvers.Zip(self.params.alpha, self.params.beta)
         activation = None
         if lam > 0:
@@ -68,7 +76,7 @@ class MuDSC(MergeMethod):
             models, activation, lam, solver, self.params.max_sweeps, self.params.patience, ctx.seed
         )
         ctx.notes.setdefault("sweeps", {})[str(lam)] = result.sweeps
-        return assemble(models, result.merges, None)
+        return assemble(models, result.merges, None, like)
 
     def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
         if self.params.lam is not None:

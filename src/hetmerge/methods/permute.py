@@ -17,6 +17,10 @@ from hetmerge.models import MultiTaskNet
 @register
 class Permute(MergeMethod):
     name = "permute"
+
+    def keeps_first_basis(self) -> bool:
+        return True
+
     uses_statistics = True
 
     def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:

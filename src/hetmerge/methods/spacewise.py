@@ -23,13 +23,20 @@ def reject_groups(method: str, models: Sequence[MultiTaskNet], instead: str) -> 
 
 
 def match_activations(
-    models: Sequence[MultiTaskNet], stats: Mapping[str, SpaceStats], solver: Solver, cut: int | None = None
+    models: Sequence[MultiTaskNet],
+    stats: Mapping[str, SpaceStats],
+    solver: Solver,
+    cut: int | None = None,
+    fixed: Mapping[str, SpaceMerge] | None = None,
 ) -> dict[str, SpaceMerge]:
-    """Merges of the spaces before `cut` from activation correlations, linked spaces solved together."""
+    """Merges of the spaces before `cut` from activation correlations, linked spaces solved together.
+
+    Spaces in `fixed` (e.g. those only one model has, inside identity padding) keep the merge given there.
+    """
     wanted = {s.name for s in spaces_before(models[0], cut)}
-    merges = {}
+    merges = dict(fixed or {})
     for members in models[0].space_graph().matching_sets():
-        if members[0].name not in wanted:
+        if members[0].name not in wanted or members[0].name in merges:
             continue
         sims = [stats[s.name].correlation() for s in members]
         found = solver(sims, members, [stats[s.name].widths for s in members])
@@ -68,9 +75,11 @@ def spaces_before(model: MultiTaskNet, cut: int | None) -> list[FeatureSpace]:
     return [s for s in spaces if any((unit_index(model, r.param) or 0) < cut for r in s.producers)]
 
 
-def assemble(models: Sequence[MultiTaskNet], merges: Mapping[str, SpaceMerge], cut: int | None) -> MergedModel:
-    """Merged trunk from the space merges; with a cut, each source model continues after it as a branch."""
-    target = union_heads_model(models)
+def assemble(
+    models: Sequence[MultiTaskNet], merges: Mapping[str, SpaceMerge], cut: int | None, like: int = 0
+) -> MergedModel:
+    """Merged trunk (model `like`'s architecture) from the space merges; after a cut, each model continues."""
+    target = union_heads_model(models, like)
     target.load_state_dict(apply_merges(models, merges, target))
     if cut is None:
         return MergedModel(target)

@@ -23,6 +23,10 @@ class WeightMatchingParams(MethodParams):
 @register
 class WeightMatching(MergeMethod):
     name = "weight_matching"
+
+    def keeps_first_basis(self) -> bool:
+        return True
+
     Params = WeightMatchingParams
 
     def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:

@@ -1,6 +1,7 @@
 """ZipIt!: greedy zip of all N models' units at once, optionally only up to a chosen unit (partial zip).
 
-Grouped spaces are zipped inside paired groups only (MuDSC's group zip), so heads stay heads.
+Grouped spaces are zipped inside paired groups only (MuDSC's group zip), so heads stay heads. Models of
+different widths are zipped elastically into the widest (algorithms.md §4.6).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 from hetmerge.matching.solvers import Zip
 from hetmerge.merged import MergedModel
-from hetmerge.methods.base import MergeContext, MergeMethod, MethodParams, register, require_same_architecture
+from hetmerge.methods.base import MergeContext, MergeMethod, MethodParams, register, require_same_structure
 from hetmerge.methods.spacewise import assemble, match_activations, resolve_cut
 from hetmerge.models import MultiTaskNet
 
@@ -35,7 +36,7 @@ class ZipIt(MergeMethod):
     uses_statistics = True
 
     def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
-        require_same_architecture(self.name, models)
+        widest = require_same_structure(self.name, models)
         cut = resolve_cut(models[0], self.params.stop_after)
         solver = Zip(self.params.alpha, self.params.beta)
-        return assemble(models, match_activations(models, ctx.statistics(models), solver, cut), cut)
+        return assemble(models, match_activations(models, ctx.statistics(models), solver, cut), cut, widest)

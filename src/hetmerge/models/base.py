@@ -41,6 +41,17 @@ class MultiTaskNet(nn.Module, abc.ABC):
     def body_spaces(self, head_consumers: tuple[AxisRef, ...]) -> SpaceGraph:
         """Describe the body's feature spaces; `head_consumers` read the final one."""
 
+    def depth_stages(self) -> list[list[str]]:
+        """Per stage, the names of the body units ("blocks") that depth alignment compares and positions.
+
+        Block 0 of a stage may change width or stride; the later blocks of a stage keep its width, so an
+        identity block can take their place (see `hetmerge.depth.padding`).
+        """
+        raise NotImplementedError(
+            f"architecture family {self.family!r} ({type(self).__name__}) defines no depth stages, so it "
+            "cannot take part in heterogeneous-depth merging"
+        )
+
     def space_graph(self) -> SpaceGraph:
         consumers = tuple(AxisRef(f"heads.{task}.weight", 1) for task in self.heads)
         return self.body_spaces(consumers)

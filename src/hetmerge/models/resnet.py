@@ -69,6 +69,14 @@ class ResNet(MultiTaskNet):
         """Groups of every feature space: GroupNorm only keeps its function under moves that respect its groups."""
         return self.spec.groups if self.spec.norm == "group" else 1
 
+    def depth_stages(self) -> list[list[str]]:
+        """Per stage, its BasicBlock units s{stage}b{block} in order."""
+        stages: dict[str, list[str]] = {}
+        for name, unit in self.body.named_children():
+            if isinstance(unit, BasicBlock):
+                stages.setdefault(name.split("b")[0], []).append(name)
+        return list(stages.values())
+
     def build_body(self) -> tuple[nn.Sequential, int]:
         planes = [scaled(c, self.spec.width) for c in (16, 32, 64)]
         norm: Callable[[int], nn.Module] = nn.BatchNorm2d

@@ -1,9 +1,15 @@
-"""VGG (configurations 11/13/16/19) with a width multiplier and global average pooling."""
+"""VGG with a width multiplier and global average pooling, in two layouts.
+
+- "standard": the configurations 11/13/16/19 (conv units separated by 2x2 max-pools).
+- "stages": the heterogeneous-merging paper's VGG13/VGG19 (algorithms.md §1.5): three stages of 4 (13) or
+  6 (19) conv units with 128/256/512 channels × width, MaxPool(4, 4) after stages 1 and 2 and MaxPool(2, 2)
+  after stage 3 (32 → 8 → 2 → 1; 28 → 7 → 2 → 1 with ceil_mode).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -41,12 +47,25 @@ CONFIGS: dict[int, tuple[int | str, ...]] = {
     ),
 }
 
+# The "stages" layout: conv units per stage for each depth (12 or 18 convs + 1 linear), stage channels,
+# and the (square) max-pool closing each stage.
+STAGE_BLOCKS: dict[int, int] = {13: 4, 19: 6}
+STAGE_CHANNELS: tuple[int, ...] = (128, 256, 512)
+STAGE_POOLS: tuple[int, ...] = (4, 4, 2)
+
 
 @dataclass(frozen=True)
 class VGGSpec:
+    """`variant="stages"` is the heterogeneous-merging paper's three-stage VGG, only for depth 13 or 19.
+
+    Its convs have no bias before a BatchNorm (like every `ConvUnit`): the reference code's conv bias
+    there is cancelled by the normalisation, so the function class is the same.
+    """
+
     depth: Literal[11, 13, 16, 19] = 11
     width: float = 1.0
     batch_norm: bool = True
+    variant: Literal["standard", "stages"] = "standard"
 
 
 class VGG(MultiTaskNet):
@@ -54,6 +73,8 @@ class VGG(MultiTaskNet):
     spec: VGGSpec
 
     def build_body(self) -> tuple[nn.Sequential, int]:
+        if self.spec.variant == "stages":
+            return self._build_stages()
         body = nn.Sequential()
         c_in = self.input_shape[0]
         conv = pool = 0
@@ -69,6 +90,44 @@ class VGG(MultiTaskNet):
         body.add_module("gap", GlobalPool())
         init_weights(body)
         return body, c_in
+
+    def _build_stages(self) -> tuple[nn.Sequential, int]:
+        if self.spec.depth not in STAGE_BLOCKS:
+            raise ValueError(
+                f"vgg: variant 'stages' has depth 13 or 19 ({STAGE_BLOCKS[13]} or {STAGE_BLOCKS[19]} conv blocks "
+                f"per stage), got depth {self.spec.depth}"
+            )
+        body = nn.Sequential()
+        c_in = self.input_shape[0]
+        conv = 0
+        for pool, (channels, size) in enumerate(zip(STAGE_CHANNELS, STAGE_POOLS, strict=True)):
+            c_out = scaled(channels, self.spec.width)
+            for _ in range(STAGE_BLOCKS[self.spec.depth]):
+                body.add_module(f"conv{conv}", ConvUnit(c_in, c_out, self.spec.batch_norm))
+                c_in, conv = c_out, conv + 1
+            # ceil_mode keeps 28×28 inputs valid (28 → 7 → 2 → 1), as well as 32 → 8 → 2 → 1.
+            body.add_module(f"pool{pool}", nn.MaxPool2d(size, size, ceil_mode=True))
+        body.add_module("gap", GlobalPool())
+        init_weights(body)
+        return body, c_in
+
+    def describe(self) -> dict[str, Any]:
+        """As the base class, but a "standard" spec leaves `variant` out, so its metadata (and the training
+        fingerprints hashed from it) stay what they were before the variant existed."""
+        desc = super().describe()
+        if self.spec.variant == "standard":
+            desc["spec"] = {k: v for k, v in desc["spec"].items() if k != "variant"}
+        return desc
+
+    def depth_stages(self) -> list[list[str]]:
+        """The runs of conv units between max-pools, in order: the blocks depth alignment compares."""
+        stages: list[list[str]] = [[]]
+        for name in self.body._modules:
+            if name.startswith("conv"):
+                stages[-1].append(name)
+            elif name.startswith("pool") and stages[-1]:
+                stages.append([])
+        return [s for s in stages if s]
 
     def body_spaces(self, head_consumers: tuple[AxisRef, ...]) -> SpaceGraph:
         names = list(self.body._modules)

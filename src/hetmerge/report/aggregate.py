@@ -18,6 +18,8 @@ DESCRIPTORS = ("arch_label", "label", "kind")
 """Display fields that must be constant within a row's records."""
 BASE_METRICS = ("joint", "task_avg", "params", "flops")
 STATS = ("mean", "std", "n")
+LAYOUTS = ("standard", "mudsc")
+"""Table layouts an experiment can ask for (record field `layout`; records without it are "standard")."""
 
 
 def task_metric(task: str) -> str:
@@ -28,10 +30,12 @@ def task_metric(task: str) -> str:
 @dataclass(frozen=True)
 class ReportData:
     """What every table/figure builder receives: the raw records (for builders that need fields the
-    aggregation drops, e.g. provenance) and the aggregated frame."""
+    aggregation drops, e.g. provenance), the aggregated frame, and analysis records (λ sweeps, loss
+    landscapes: anything that is not one evaluated model, told apart by their `kind`)."""
 
     records: tuple[Mapping[str, Any], ...]
     frame: pd.DataFrame
+    analysis: tuple[Mapping[str, Any], ...] = ()
 
 
 def aggregate(records: Sequence[Mapping[str, Any]], *, method_order: Sequence[str] = ()) -> pd.DataFrame:
@@ -93,6 +97,24 @@ def tasks_in(frame: pd.DataFrame) -> list[str]:
         for column in frame.columns
         if column.startswith("tasks.") and column.endswith("_n") and frame[column].sum() > 0
     ]
+
+
+def layouts(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], str]:
+    """Table layout of every (dataset, arch) in `records`: one of LAYOUTS, "standard" where not given.
+
+    Raises ValueError for an unknown layout or an experiment whose records disagree (e.g. some
+    evaluated before the layout was configured), since its tables would depend on which record won.
+    """
+    found: dict[tuple[str, str], set[str]] = {}
+    for record in records:
+        layout = record.get("layout", "standard")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown table layout {layout!r} (known: {', '.join(LAYOUTS)})")
+        found.setdefault((record["dataset"], record["arch"]), set()).add(layout)
+    for (dataset, arch), values in found.items():
+        if len(values) > 1:
+            raise ValueError(f"records for {dataset}/{arch} disagree on 'layout': {sorted(values)}")
+    return {key: next(iter(values)) for key, values in found.items()}
 
 
 def _flatten(record: Mapping[str, Any]) -> dict[str, Any]:

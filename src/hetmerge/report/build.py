@@ -12,29 +12,46 @@ from typing import Any
 
 from hetmerge.atomic import atomic_open
 from hetmerge.report.aggregate import ReportData, aggregate
-from hetmerge.report.figures import joint_accuracy_figures, partial_zip_figures
-from hetmerge.report.latex import Artifact, accuracy_tables, render_to, summary_tables
+from hetmerge.report.figures import joint_accuracy_figures, lambda_figures, landscape_figures, partial_zip_figures
+from hetmerge.report.latex import Artifact, accuracy_tables, mudsc_tables, render_to, summary_tables
 
 Builder = Callable[[ReportData, Path], list[Artifact]]
 
 BUILDERS: dict[str, Builder] = {
     "summary_tables": summary_tables,
     "accuracy_tables": accuracy_tables,
+    "mudsc_tables": mudsc_tables,
     "joint_accuracy_figures": joint_accuracy_figures,
     "partial_zip_figures": partial_zip_figures,
+    "lambda_figures": lambda_figures,
+    "landscape_figures": landscape_figures,
 }
+
+ANALYSIS_KINDS = ("lambda_sweep", "landscape")
+"""`kind`s of analysis records that some builder reads; any other kind is refused rather than dropped."""
 
 
 def build_report(
-    records: Sequence[Mapping[str, Any]], out_dir: Path, *, title: str, method_order: Sequence[str] = ()
+    records: Sequence[Mapping[str, Any]],
+    out_dir: Path,
+    *,
+    title: str,
+    method_order: Sequence[str] = (),
+    analysis: Sequence[Mapping[str, Any]] = (),
 ) -> list[Path]:
     """Write tables, figures, results.csv and main.tex under `out_dir`; return the written paths.
 
-    Output depends only on `records`, `title` and `method_order` (no timestamps, sorted iteration), so
-    rerunning on the same records reproduces every file byte for byte.
+    `analysis` holds records that are not one evaluated model (λ sweeps, loss landscapes), told apart by
+    their `kind`. Output depends only on the arguments (no timestamps, sorted iteration), so rerunning on
+    the same records reproduces every file byte for byte.
     """
     out_dir = Path(out_dir)
-    data = ReportData(records=tuple(records), frame=aggregate(records, method_order=method_order))
+    unknown = sorted({str(record.get("kind")) for record in analysis} - set(ANALYSIS_KINDS))
+    if unknown:
+        raise ValueError(f"analysis records of unknown kind {unknown} (known: {', '.join(ANALYSIS_KINDS)})")
+    data = ReportData(
+        records=tuple(records), frame=aggregate(records, method_order=method_order), analysis=tuple(analysis)
+    )
     artifacts = [artifact for build in BUILDERS.values() for artifact in build(data, out_dir)]
     written = [path for artifact in artifacts for path in artifact.files]
     if len(set(written)) != len(written):

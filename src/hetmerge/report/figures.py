@@ -1,4 +1,5 @@
-"""Figure builders: paper-sized matplotlib figures saved as PDF (for LaTeX) and PNG (for quick looks).
+"""Figure builders: paper-sized matplotlib figures saved as PDF (for LaTeX) and PNG (for quick looks),
+plus a CSV of the plotted numbers where the text needs to quote them (the λ figure).
 
 Figures are drawn on a standalone `Figure` with an Agg canvas inside an rc_context of the package
 matplotlibrc, so building a report neither depends on nor changes the caller's pyplot state.
@@ -6,17 +7,24 @@ matplotlibrc, so building a report neither depends on nor changes the caller's p
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
+import numpy as np
 import pandas as pd
+from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from hetmerge.atomic import atomic_path
+from hetmerge.atomic import atomic_open, atomic_path
 from hetmerge.report.aggregate import ReportData, methods_in
-from hetmerge.report.latex import Artifact, latex_escape, slug
+from hetmerge.report.latex import Artifact, latex_escape, pairs_phrase, slug
 
 RC_FILE = Path(__file__).with_name("matplotlibrc")
 SINGLE_COLUMN_IN = 3.25
@@ -107,7 +115,7 @@ def _joint_accuracy_bars(frame: pd.DataFrame) -> Figure:
 
 
 def partial_zip_figures(data: ReportData, out_dir: Path) -> list[Artifact]:
-    """Per dataset and architecture with ZipIt! rows: joint accuracy against how much of the network is zipped.
+    """Per dataset and architecture with partial ZipIt! rows: joint accuracy against how much is zipped.
 
     x is the fraction of body units merged (1 = full zip); the ensemble and the base models are drawn as
     horizontal reference lines.
@@ -123,6 +131,8 @@ def partial_zip_figures(data: ReportData, out_dir: Path) -> list[Artifact]:
         points.setdefault(key, {}).setdefault(x, []).append(100 * record["metrics"]["joint"])
     artifacts = []
     for (dataset, arch), by_x in sorted(points.items()):
+        if set(by_x) == {1.0}:
+            continue  # only full zips: nothing to plot against
         frame = data.frame[(data.frame["dataset"] == dataset) & (data.frame["arch"] == arch)]
         with matplotlib.rc_context(fname=RC_FILE):
             fig = _partial_zip_curve(by_x, frame)
@@ -156,4 +166,295 @@ def _partial_zip_curve(by_x: dict[float, list[float]], frame: pd.DataFrame) -> F
     ax.set_xlabel("Fraction of the network zipped")
     ax.set_ylabel("Joint accuracy (%)")
     ax.legend(loc="lower left", fontsize="small")
+    return fig
+
+
+def lambda_figures(data: ReportData, out_dir: Path) -> list[Artifact]:
+    """Per dataset and architecture with λ-sweep analysis records: MuDSC's joint accuracy against λ.
+
+    One colour per MuDSC method (solver): the test-set curve with a mean ± std band over model pairs, the
+    merge-slice curve dashed, and stars at the λ chosen on the merge slice. The plotted numbers go to
+    `lambda_<dataset>_<arch>.csv` next to the figure, so that the text can quote them.
+    """
+    sweeps: dict[tuple[str, str], dict[str, list[Mapping[str, Any]]]] = {}
+    for record in data.analysis:
+        if record.get("kind") == "lambda_sweep":
+            key = (record["dataset"], record["arch"])
+            sweeps.setdefault(key, {}).setdefault(record["method"], []).append(record)
+    ranks = dict(zip(data.frame["method"], data.frame["method_rank"], strict=True))
+    artifacts = []
+    for (dataset, arch), by_method in sorted(sweeps.items()):
+        methods = sorted(by_method, key=lambda method: (ranks.get(method, math.inf), method))
+        table = pd.concat([_lambda_table(dataset, arch, by_method[method]) for method in methods], ignore_index=True)
+        stem = out_dir / "figures" / f"lambda_{slug(dataset)}_{slug(arch)}"
+        with matplotlib.rc_context(fname=RC_FILE):
+            pdf, png = save_figure(_lambda_curves(table), stem)
+        csv = stem.parent / f"{stem.name}.csv"
+        with atomic_open(csv) as handle:
+            table.to_csv(handle, index=False, lineterminator="\n")
+        first = by_method[methods[0]][0]
+        grid = table.loc[table["selectable"], "lam"]
+        pairs = pairs_phrase(table.groupby("method")["n_pairs"].first())
+        caption = (
+            rf"{latex_escape(dataset)}, {latex_escape(first['arch_label'])}: joint accuracy (\%) of MuDSC against "
+            r"$\lambda$, the activation share of the unit similarity (0: weight only, 1: activation only). "
+            rf"Solid lines and bands: test set, {pairs}; dashed lines: the merge slice that $\lambda$ is chosen "
+            r"on; stars: the $\lambda$ that a model pair chose there"
+            + (f" (candidates {grid.min():g} to {grid.max():g})." if len(grid) else ".")
+        )
+        label = f"fig:lambda-{slug(dataset)}-{slug(arch)}"
+        artifacts.append(Artifact("figure", dataset, pdf, (pdf, png, csv), caption, label))
+    return artifacts
+
+
+LAMBDA_COLUMNS = (
+    "dataset",
+    "arch",
+    "method",
+    "label",
+    "solver",
+    "lam",
+    "selectable",
+    "n_pairs",
+    "test_joint_mean",
+    "test_joint_std",
+    "test_joint_n",
+    "merge_joint_mean",
+    "merge_joint_std",
+    "merge_joint_n",
+    "chosen_pairs",
+)
+"""Columns of a λ figure's CSV: accuracies as fractions (like results.csv), std over pairs (ddof=1), and how
+many model pairs chose each λ on the merge slice."""
+
+
+def _lambda_table(dataset: str, arch: str, records: list[Mapping[str, Any]]) -> pd.DataFrame:
+    """One method's sweep records (one per pair) as one row per λ, in LAMBDA_COLUMNS."""
+    records = sorted(records, key=lambda record: record["pair"])
+    pairs = [record["pair"] for record in records]
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"duplicate λ sweep record for {dataset}/{arch}/{records[0]['method']}")
+    by_lam: dict[float, dict[str, Any]] = {}
+    for record in records:
+        for point in record["points"]:
+            lam = float(point["lam"])
+            entry = by_lam.setdefault(lam, {"selectable": set(), "test": [], "merge": []})
+            entry["selectable"].add(bool(point["selectable"]))
+            entry["test"].append(_number(point["test"]["joint"]))
+            entry["merge"].append(_number(point["merge"]["joint"]))
+    chosen = [float(record["chosen"]) for record in records if record.get("chosen") is not None]
+    rows = []
+    for lam in sorted(by_lam):
+        entry = by_lam[lam]
+        if len(entry["selectable"]) > 1:
+            raise ValueError(
+                f"λ sweep records for {dataset}/{arch}/{records[0]['method']} disagree on whether λ {lam:g} "
+                "is a candidate"
+            )
+        rows.append(
+            {
+                "dataset": dataset,
+                "arch": arch,
+                "method": records[0]["method"],
+                "label": records[0]["label"],
+                "solver": records[0].get("solver", ""),
+                "lam": lam,
+                "selectable": entry["selectable"].pop(),
+                "n_pairs": len(records),
+                **_stats("test_joint", entry["test"]),
+                **_stats("merge_joint", entry["merge"]),
+                "chosen_pairs": sum(value == lam for value in chosen),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(LAMBDA_COLUMNS))
+
+
+def _stats(name: str, values: list[float]) -> dict[str, float | int]:
+    """Mean, sample std (ddof=1, NaN below two values) and count of the non-null values, as aggregate() does."""
+    array = np.array(values, dtype=float)
+    array = array[~np.isnan(array)]
+    return {
+        f"{name}_mean": array.mean() if len(array) else np.nan,
+        f"{name}_std": array.std(ddof=1) if len(array) > 1 else np.nan,
+        f"{name}_n": len(array),
+    }
+
+
+def _number(value: Any) -> float:
+    return np.nan if value is None else float(value)
+
+
+def _lambda_curves(table: pd.DataFrame) -> Figure:
+    fig = Figure(figsize=(SINGLE_COLUMN_IN, matplotlib.rcParams["figure.figsize"][1]))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    legend = []
+    for j, (_, curve) in enumerate(table.groupby("method", sort=False)):
+        colour = colours[j % len(colours)]
+        lam = curve["lam"].to_numpy()
+        test = 100 * curve["test_joint_mean"].to_numpy()
+        spread = 100 * curve["test_joint_std"].fillna(0).to_numpy()
+        ax.fill_between(lam, test - spread, test + spread, color=colour, alpha=0.2, linewidth=0)
+        ax.plot(lam, test, color=colour, marker="o", markersize=2)
+        ax.plot(lam, 100 * curve["merge_joint_mean"].to_numpy(), color=colour, linestyle="--")
+        chosen = curve[curve["chosen_pairs"] > 0]
+        ax.plot(
+            chosen["lam"],
+            100 * chosen["test_joint_mean"],
+            linestyle="none",
+            marker="*",
+            markersize=7,
+            color=colour,
+            markeredgecolor="black",
+            markeredgewidth=0.4,
+        )
+        legend.append(Line2D([], [], color=colour, label=curve["label"].iloc[0]))
+    legend += [
+        Line2D([], [], color="black", label="test set"),
+        Line2D([], [], color="black", linestyle="--", label="merge slice"),
+        Line2D([], [], color="black", linestyle="none", marker="*", markersize=7, label="chosen λ"),
+    ]
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel("λ (0 = weight only, 1 = activation only)")
+    ax.set_ylabel("Joint accuracy (%)")
+    ax.legend(handles=legend, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(legend), 3))
+    return fig
+
+
+OFF_PLANE_TOLERANCE = 1e-3
+"""Relative distance from the plane (in units of |B - A|) below which a point counts as on it."""
+_LOSS_DECADES = 3
+"""The colour scale spans at most this many decades above the lowest loss, so low-loss basins keep their
+contrast; higher losses share the top colour."""
+_POINT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def landscape_figures(data: ReportData, out_dir: Path) -> list[Artifact]:
+    """Per landscape analysis record (one dataset and architecture): each task's loss on a plane through
+    three models, as filled contours on a log colour scale, with every marked model at its (projected) place.
+    """
+    records: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for record in data.analysis:
+        if record.get("kind") == "landscape":
+            key = (record["dataset"], record["arch"])
+            if key in records:
+                raise ValueError(f"more than one landscape record for {key[0]}/{key[1]}")
+            records[key] = record
+    artifacts = []
+    for (dataset, arch), record in sorted(records.items()):
+        with matplotlib.rc_context(fname=RC_FILE):
+            pdf, png = save_figure(
+                _landscape_panels(record), out_dir / "figures" / f"landscape_{slug(dataset)}_{slug(arch)}"
+            )
+        label = f"fig:landscape-{slug(dataset)}-{slug(arch)}"
+        artifacts.append(Artifact("figure", dataset, pdf, (pdf, png), _landscape_caption(record), label))
+    return artifacts
+
+
+def _landscape_caption(record: Mapping[str, Any]) -> str:
+    labels = {point["method"]: point["label"] for point in record["points"]}
+    plane = record["plane"]
+    origin, u, v = (latex_escape(labels.get(plane[axis], plane[axis])) for axis in ("origin", "u", "v"))
+    tasks = " and ".join(f"task {latex_escape(task)}" for task in record["loss"])
+    off = [point for point in record["points"] if point["off_plane"] > OFF_PLANE_TOLERANCE]
+    if off:
+        where = (
+            "Hollow markers lie off the plane and are drawn at their projection: "
+            + "; ".join(f"{latex_escape(point['label'])} at distance {point['off_plane']:.2g}" for point in off)
+            + r" (relative to $|B - A|$). All other points lie on the plane."
+        )
+    else:
+        where = "All marked points lie on the plane."
+    reset = (
+        "after resetting the BatchNorm statistics of every model on the plane on the merge slice"
+        if record.get("bn_reset")
+        else "without a BatchNorm reset (the models have no BatchNorm)"
+    )
+    return (
+        rf"{latex_escape(record['dataset'])}, {latex_escape(record['arch_label'])}: loss landscape ({tasks}) of "
+        f"model pair {latex_escape(record['pair'])} on the plane through {origin} (origin), {u} and {v}; "
+        r"coordinates in units of $|B - A|$. Each panel: mean cross-entropy of that task's head on that task's "
+        f"images, {reset}, on a log colour scale. Images: {latex_escape(record['images'])}. {where}"
+    )
+
+
+def _landscape_panels(record: Mapping[str, Any]) -> Figure:
+    tasks = list(record["loss"])
+    x = np.array(record["x"], dtype=float)
+    y = np.array(record["y"], dtype=float)
+    losses = {task: np.array(record["loss"][task], dtype=float) for task in tasks}
+    for task, loss in losses.items():
+        if loss.shape != (len(y), len(x)):
+            raise ValueError(f"landscape loss of task {task} has shape {loss.shape}, expected {(len(y), len(x))}")
+    finite = np.concatenate([loss[np.isfinite(loss) & (loss > 0)] for loss in losses.values()])
+    if not len(finite):
+        raise ValueError(f"landscape of {record['dataset']}/{record['arch']} has no positive finite loss")
+    low = float(finite.min())
+    high = float(min(finite.max(), low * 10**_LOSS_DECADES))
+    if high <= low * 1.01:
+        high = low * 10
+    levels = np.geomspace(low, high, 16)
+    norm = LogNorm(low, high)
+
+    points = record["points"]
+    xs = [*x, *(point["x"] for point in points)]
+    ys = [*y, *(point["y"] for point in points)]
+    margin = 0.03 * max(max(xs) - min(xs), max(ys) - min(ys))
+    xlim = (min(xs) - margin, max(xs) + margin)
+    ylim = (min(ys) - margin, max(ys) + margin)
+    # Equal axis scales keep the plane's geometry; size the figure to the panels so no blank band remains.
+    width = DOUBLE_COLUMN_IN if len(tasks) > 1 else SINGLE_COLUMN_IN
+    panel = (width - 0.9) / len(tasks)
+    height = min(max(panel * (ylim[1] - ylim[0]) / (xlim[1] - xlim[0]) + 1.1, 1.8), 6.0)
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(tasks), squeeze=False, sharex=True, sharey=True)[0]
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles = []
+    for ax, task in zip(axes, tasks, strict=True):
+        # Losses outside the colour range are clamped, not masked, so the plane has no holes.
+        contours = ax.contourf(
+            x, y, np.clip(losses[task], low, high), levels=levels, norm=norm, cmap="viridis", extend="neither"
+        )
+        for i, point in enumerate(points):
+            off = point["off_plane"] > OFF_PLANE_TOLERANCE
+            colour = "white" if i == 0 else colours[(i - 1) % len(colours)]
+            name = point["label"] + (f" (off plane by {point['off_plane']:.2g} |B − A|)" if off else "")
+            (handle,) = ax.plot(
+                point["x"],
+                point["y"],
+                linestyle="none",
+                marker=_POINT_MARKERS[i % len(_POINT_MARKERS)],
+                markersize=5,
+                markerfacecolor="none" if off else colour,
+                markeredgecolor="white" if off else "black",
+                markeredgewidth=0.9 if off else 0.5,
+                label=name,
+                zorder=3,
+            )
+            if off:
+                # A white outline in a black halo stays visible on every colour of the map.
+                handle.set_path_effects([patheffects.withStroke(linewidth=2.0, foreground="black")])
+            if ax is axes[0]:
+                handles.append(handle)
+        ax.set_title(f"Task {task} loss")
+        ax.set_xlabel("x (units of |B − A|)")
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        ax.set_aspect("equal", adjustable="box")
+        ax.grid(False)
+    axes[0].set_ylabel("y (units of |B − A|)")
+    colourbar = fig.colorbar(contours, ax=list(axes), pad=0.02)
+    colourbar.set_label("Cross-entropy (log scale)")
+    colourbar.ax.minorticks_off()
+    # Plain 1-2-5 tick labels: the rc file turns mathtext off, so matplotlib's 10^x labels would print raw.
+    ticks = [
+        mantissa * 10.0**exponent
+        for exponent in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+        for mantissa in (1, 2, 5)
+        if low <= mantissa * 10.0**exponent <= high
+    ]
+    colourbar.set_ticks(ticks, labels=[f"{tick:g}" for tick in ticks])
+    fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 4))
     return fig

@@ -20,7 +20,7 @@ import jinja2
 import pandas as pd
 
 from hetmerge.atomic import atomic_open, atomic_path
-from hetmerge.report.aggregate import ReportData, methods_in, task_metric, tasks_in
+from hetmerge.report.aggregate import ReportData, layouts, methods_in, task_metric, tasks_in
 
 LATEX_PACKAGES = "texlive-latex-base texlive-latex-recommended texlive-latex-extra latexmk"
 """Debian packages that provide everything main.tex needs."""
@@ -36,6 +36,10 @@ _ESCAPES = {
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
     "\\": r"\textbackslash{}",
+    # pdflatex has no glyphs for Greek input; these letters appear in method labels ("MuDSC (λ 0.5)").
+    "α": r"$\alpha$",
+    "β": r"$\beta$",
+    "λ": r"$\lambda$",
 }
 _ESCAPE_PATTERN = re.compile("|".join(map(re.escape, _ESCAPES)))
 _UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
@@ -168,9 +172,12 @@ def kind_rules(kinds: Sequence[str]) -> list[bool]:
 
 
 def accuracy_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
-    """Per (dataset, arch): Params, FLOPs, Joint, each task and Avg for every method."""
+    """Per (dataset, arch) with the standard layout: Params, FLOPs, Joint, each task and Avg for every method."""
+    layout = layouts(data.records)
     artifacts = []
     for (dataset, arch), table in data.frame.groupby(["dataset", "arch"], sort=True):
+        if layout[(dataset, arch)] != "standard":
+            continue
         rows = table.to_dict("records")
         tasks = tasks_in(table)
         metrics = ["joint", *(task_metric(task) for task in tasks), "task_avg"]
@@ -202,6 +209,77 @@ def accuracy_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
         )
         artifacts.append(Artifact("table", dataset, path, (path,)))
     return artifacts
+
+
+def mudsc_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
+    """Per (dataset, arch) with the "mudsc" layout, the MuDSC paper's table: Joint, Per-Task Avg and each
+    task for every method, best merge per column in bold, and the λ each MuDSC merge used per model pair.
+    """
+    layout = layouts(data.records)
+    lams = _lams(data.records)
+    artifacts = []
+    for (dataset, arch), table in data.frame.groupby(["dataset", "arch"], sort=True):
+        if layout[(dataset, arch)] != "mudsc":
+            continue
+        rows = table.to_dict("records")
+        tasks = tasks_in(table)
+        metrics = ["joint", "task_avg", *(task_metric(task) for task in tasks)]
+        columns_by_metric = [accuracy_cells(rows, metric, bold_best=True) for metric in metrics]
+        lam_cells = [format_lams(lams.get((dataset, arch, row["method"]), {})) for row in rows]
+        with_lam = any(cell != "--" for cell in lam_cells)
+        rules = kind_rules([row["kind"] for row in rows])
+        table_rows = [
+            TableRow(
+                label=row["label"],
+                cells=[*(cells[i] for cells in columns_by_metric), *([lam_cells[i]] if with_lam else [])],
+                rule_before=rules[i],
+            )
+            for i, row in enumerate(rows)
+        ]
+        caption = (
+            rf"{latex_escape(dataset)}, {latex_escape(rows[0]['arch_label'])}: accuracy (\%), "
+            f"{pairs_phrase(table['n_pairs'])}. Best merge per column in bold (base models and the ensemble "
+            "are references and do not compete)."
+        )
+        if with_lam:
+            caption += (
+                r" $\lambda$: activation share of MuDSC's unit similarity (0: weight only, 1: activation only) "
+                "for each model pair in turn, chosen by joint accuracy on the merge slice unless fixed in the "
+                "configuration."
+            )
+        path = render_to(
+            out_dir / "tables" / f"mudsc_{slug(dataset)}_{slug(arch)}.tex",
+            "table.tex.j2",
+            caption=caption,
+            label=f"tab:mudsc-{slug(dataset)}-{slug(arch)}",
+            columns=[
+                "Method",
+                "Joint",
+                "Per-Task Avg",
+                *(f"Task {task}" for task in tasks),
+                *(["λ"] if with_lam else []),
+            ],
+            rows=table_rows,
+        )
+        artifacts.append(Artifact("table", dataset, path, (path,)))
+    return artifacts
+
+
+def format_lams(by_pair: Mapping[int, float | None]) -> str:
+    """λ per model pair in pair order, `0.4/0.6`; `--` for a pair without one, or alone for none at all."""
+    if all(lam is None for lam in by_pair.values()):
+        return "--"
+    return "/".join("--" if by_pair[pair] is None else f"{by_pair[pair]:g}" for pair in sorted(by_pair))
+
+
+def _lams(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], dict[int, float | None]]:
+    """The λ each merge recorded (`source.notes.lam`), per (dataset, arch, method) and pair."""
+    lams: dict[tuple[str, str, str], dict[int, float | None]] = {}
+    for record in records:
+        lam = ((record.get("source") or {}).get("notes") or {}).get("lam")
+        key = (record["dataset"], record["arch"], record["method"])
+        lams.setdefault(key, {})[record["pair"]] = None if lam is None else float(lam)
+    return lams
 
 
 def summary_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
