@@ -27,6 +27,7 @@ wildcard_constraints:
     seed=r"\d+",
     ntasks=r"\d+",
     task=r"[A-Z]",
+    experiment=r"[^/]+",
 
 
 def tasks_of(experiment):
@@ -125,17 +126,13 @@ def eval_entries(experiment):
     return base_entries(experiment) + list(config["experiments"][experiment]["methods"])
 
 
-def eval_path(seed, experiment, entry):
-    return f"{RESULTS}/eval/{DATASET}/s{seed}/{experiment}/{entry}.json"
+def eval_path(seed, experiment):
+    """One JSON list per experiment and split seed: a record per row (base models, ensemble, merges)."""
+    return f"{RESULTS}/eval/{DATASET}/s{seed}/{experiment}.json"
 
 
 def all_eval_paths():
-    return [
-        eval_path(seed, exp, entry)
-        for exp in config["experiments"]
-        for seed in SEEDS
-        for entry in eval_entries(exp)
-    ]
+    return [eval_path(seed, exp) for exp in config["experiments"] for seed in SEEDS]
 
 
 def lambda_sweep_path(seed, experiment, method):
@@ -205,38 +202,45 @@ def merge_inputs(wc):
     return inputs
 
 
-def evaluated_model(wc):
+def evaluated_model(seed, experiment, entry):
     """A merge output, or for the model_a/model_b/... rows the source model itself."""
-    if wc.entry.startswith("model_"):
-        task = wc.entry.removeprefix("model_").upper()
-        models = config["experiments"][wc.experiment]["models"]
-        return model_path(len(models), wc.seed, models[tasks_of(wc.experiment).index(task)], task)
-    return f"{RESULTS}/merges/{DATASET}/s{wc.seed}/{wc.experiment}/{wc.entry}.safetensors"
+    if entry.startswith("model_"):
+        task = entry.removeprefix("model_").upper()
+        models = config["experiments"][experiment]["models"]
+        return model_path(len(models), seed, models[tasks_of(experiment).index(task)], task)
+    return f"{RESULTS}/merges/{DATASET}/s{seed}/{experiment}/{entry}.safetensors"
 
 
-def eval_record(wc):
+def evaluated_models(wc):
+    return [evaluated_model(wc.seed, wc.experiment, entry) for entry in eval_entries(wc.experiment)]
+
+
+def eval_record(seed, experiment, entry):
     """Fields the report needs, plus this row's config slice (so a label edit re-labels the row)."""
-    exp = config["experiments"][wc.experiment]
-    if wc.entry.startswith("model_"):
-        task = wc.entry.removeprefix("model_").upper()
-        kind, label, slice_ = "base", f"Model {task}", {"architecture": exp["models"][tasks_of(wc.experiment).index(task)]}
+    exp = config["experiments"][experiment]
+    if entry.startswith("model_"):
+        task = entry.removeprefix("model_").upper()
+        kind, label, slice_ = "base", f"Model {task}", {"architecture": exp["models"][tasks_of(experiment).index(task)]}
     else:
-        entry = config["methods"][wc.entry]
-        kind = "ensemble" if entry["method"] == "ensemble" else "merge"
-        label, slice_ = entry.get("label", wc.entry), entry
-    return as_json(
-        {
-            "dataset": DATASET,
-            "arch": wc.experiment,
-            "arch_label": experiment_label(wc.experiment),
-            "pair": int(wc.seed),
-            "method": wc.entry,
-            "label": label,
-            "kind": kind,
-            "layout": exp["table"],
-            "config": slice_,
-        }
-    )
+        method = config["methods"][entry]
+        kind = "ensemble" if method["method"] == "ensemble" else "merge"
+        label, slice_ = method.get("label", entry), method
+    return {
+        "dataset": DATASET,
+        "arch": experiment,
+        "arch_label": experiment_label(experiment),
+        "pair": int(seed),
+        "method": entry,
+        "label": label,
+        "kind": kind,
+        "layout": exp["table"],
+        "group": exp.get("group"),
+        "config": slice_,
+    }
+
+
+def eval_records(wc):
+    return as_json([eval_record(wc.seed, wc.experiment, entry) for entry in eval_entries(wc.experiment)])
 
 
 def analysis_record(wc, kind):

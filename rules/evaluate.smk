@@ -1,21 +1,26 @@
 rule evaluate:
-    """Joint and per-task test accuracy, parameters and FLOPs of one model or merge."""
+    """Joint and per-task test accuracy, parameters and FLOPs of every row of one experiment and split seed.
+
+    One job per experiment: a job's start-up (importing torch) costs more than evaluating a small model.
+    """
     input:
         data=data_path(),
         split=experiment_split,
-        model=evaluated_model,
+        models=evaluated_models,
     output:
-        eval_path("{seed}", "{experiment}", "{entry}"),
+        eval_path("{seed}", "{experiment}"),
     params:
-        record=eval_record,
+        records=eval_records,
         batch_size=COMPUTE["eval_batch_size"],
         device=COMPUTE["device"],
     threads: 1
     conda:
         "../envs/hetmerge.yaml"
     log:
-        f"{RESULTS}/logs/evaluate/{DATASET}/s{{seed}}/{{experiment}}/{{entry}}.log",
+        f"{RESULTS}/logs/evaluate/{DATASET}/s{{seed}}/{{experiment}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{DATASET}/s{{seed}}/{{experiment}}.tsv"
     shell:
-        "python -m hetmerge evaluate --data {input.data:q} --split {input.split:q} --model {input.model:q} "
-        "--record {params.record:q} --batch-size {params.batch_size} --device {params.device} "
+        "python -m hetmerge evaluate --data {input.data:q} --split {input.split:q} --models {input.models:q} "
+        "--records {params.records:q} --batch-size {params.batch_size} --device {params.device} "
         "--threads {threads} --out {output:q} > {log:q} 2>&1"

@@ -32,13 +32,16 @@ TINY = "config/test/tiny.yaml"
 ALL_JOBS = {
     "dataset": 1,
     "split": 2,
-    "train": 8,
-    "statistics": 2,
-    "merge": 10,
-    "evaluate": 18,
+    "train": 12,
+    "statistics": 4,
+    "merge": 16,
+    "evaluate": 8,
+    "lambda_sweep": 2,
+    "landscape": 1,
     "report": 1,
     "all": 1,
 }
+ROWS = 2 * (5 + 4 + 4 + 3)  # evaluated rows (base models + merges) of the 4 experiments, per seed
 
 
 def workdir(root: Path) -> Path:
@@ -99,7 +102,7 @@ def completed(tmp_path_factory):
 def test_dry_run_plans_every_rule(dry_run):
     assert job_stats(dry_run) == ALL_JOBS
     # --configfile replaces config/config.yaml: none of its architectures or experiments leak in
-    assert "resnet" not in dry_run
+    assert "fashion_mnist" not in dry_run
 
 
 def test_schema_is_validated_without_warnings(dry_run):
@@ -119,9 +122,10 @@ def test_full_run_writes_paper_and_results(completed):
 
     evals = sorted((completed / "results" / "eval").rglob("*.json"))
     assert len(evals) == ALL_JOBS["evaluate"]
+    rows = [rec for path in evals for rec in json.loads(path.read_text())]
+    assert len(rows) == ROWS
     records = {}
-    for path in evals:
-        rec = json.loads(path.read_text())
+    for rec in rows:
         key = (rec["pair"], rec["arch"], rec["method"])
         records[key] = rec
         m = rec["metrics"]
@@ -135,7 +139,7 @@ def test_full_run_writes_paper_and_results(completed):
         assert rec["provenance"]["packages"]["torch"]
         assert rec["timings"]["eval_seconds"] >= 0, key
         assert ("train_seconds" if rec["kind"] == "base" else "merge_seconds") in rec["timings"], key
-    assert len(records) == len(evals)
+    assert len(records) == len(rows)
 
     for seed in (0, 1):
         for exp in ("mlp", "vgg"):
@@ -163,9 +167,10 @@ def test_method_parameter_change_reruns_only_that_method(completed):
     code, out = snakemake(completed, "-n", "all", configfile=config)
     assert code == 0, out
     assert job_stats(out) == {"merge": 4, "evaluate": 4, "report": 1, "all": 1}
-    outputs = re.findall(r"output: (results/(?:merges|eval)/\S+)", out)
-    assert len(outputs) == 8
-    assert all(re.search(r"/average\.(safetensors|json)$", o) for o in outputs), outputs
+    merges = re.findall(r"output: (results/merges/\S+)", out)
+    assert len(merges) == 4 and all(m.endswith("/average.safetensors") for m in merges), merges
+    evals = re.findall(r"output: (results/eval/\S+)", out)
+    assert sorted(Path(e).name for e in evals) == ["mlp.json", "mlp.json", "vgg.json", "vgg.json"], evals
 
 
 def test_training_change_reruns_training_and_downstream(completed):
@@ -179,7 +184,8 @@ def test_one_architecture_change_reruns_only_its_experiment(completed):
     config = edited_config(completed, "wider", lambda c: c["architectures"]["mlp"]["spec"].update(hidden=[24]))
     code, out = snakemake(completed, "-n", "all", configfile=config)
     assert code == 0, out
-    assert job_stats(out) == {"train": 4, "statistics": 2, "merge": 6, "evaluate": 10, "report": 1, "all": 1}
+    rerun = {"train": 4, "statistics": 4, "merge": 10, "evaluate": 4, "lambda_sweep": 2, "landscape": 1}
+    assert job_stats(out) == {**rerun, "report": 1, "all": 1}
     assert "vgg" not in " ".join(re.findall(r"output: (results/(?:models|merges|eval)/\S+)", out))
 
 

@@ -286,46 +286,55 @@ def cmd_landscape(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Evaluate one or more models on one split; writes a JSON list with one record per model."""
     from hetmerge.checkpoint import load_model
     from hetmerge.data import load_prepared, load_split
     from hetmerge.evaluation import accuracies, cost
     from hetmerge.provenance import provenance
 
+    records = args.records if args.records is not None else [{}] * len(args.models)
+    if not isinstance(records, list) or len(records) != len(args.models):
+        raise ValueError(f"--records must be a JSON list with one object per model ({len(args.models)})")
     device = _setup(args.threads, args.device)
     ds, split = load_prepared(args.data), load_split(args.split)
-    model, meta = load_model(args.model)
-    model.to(device)
-    t0 = time.perf_counter()
-    metrics = accuracies(model, ds, split, args.batch_size, device)
-    metrics.update(cost(model, ds.input_shape))
-    info = meta["info"]
-    record = {
-        **args.record,
-        "metrics": metrics,
-        "split_seed": split.seed,
-        "tasks": {t.name: list(t.classes) for t in split.tasks},
-        "source": {
-            k: info[k] for k in ("method", "params", "notes", "cut", "units", "seed", "task", "train") if k in info
-        },
-        "timings": {
-            "eval_seconds": round(time.perf_counter() - t0, 3),
-            **{k: info[k] for k in ("train_seconds", "merge_seconds") if k in info},
-        },
-        "provenance": provenance(device),
-    }
-    write_json(args.out, record)
-    tasks = ", ".join(f"{t} {'--' if a is None else f'{100 * a:.1f}'}" for t, a in metrics["tasks"].items())
-    print(f"joint {100 * metrics['joint']:.1f}; {tasks}")
+    results = []
+    for path, fields in zip(args.models, records, strict=True):
+        model, meta = load_model(path)
+        model.to(device)
+        t0 = time.perf_counter()
+        metrics = accuracies(model, ds, split, args.batch_size, device)
+        metrics.update(cost(model, ds.input_shape))
+        info = meta["info"]
+        keep = ("method", "params", "notes", "cut", "units", "seed", "task", "train")
+        results.append(
+            {
+                **fields,
+                "metrics": metrics,
+                "split_seed": split.seed,
+                "tasks": {t.name: list(t.classes) for t in split.tasks},
+                "source": {k: info[k] for k in keep if k in info},
+                "timings": {
+                    "eval_seconds": round(time.perf_counter() - t0, 3),
+                    **{k: info[k] for k in ("train_seconds", "merge_seconds") if k in info},
+                },
+                "provenance": provenance(device),
+            }
+        )
+        tasks = ", ".join(f"{t} {'--' if a is None else f'{100 * a:.1f}'}" for t, a in metrics["tasks"].items())
+        print(f"{path}: joint {100 * metrics['joint']:.1f}; {tasks}")
+    write_json(args.out, results)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from hetmerge.report import build_report
 
     def load(paths: Sequence[str]) -> list[Any]:
+        """Records of every file; a file holds one record or a list of them (one per evaluated model)."""
         loaded = []
         for path in paths:
             with open(path) as handle:
-                loaded.append(json.load(handle))
+                content = json.load(handle)
+            loaded += content if isinstance(content, list) else [content]
         return loaded
 
     written = build_report(
@@ -451,9 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     device_args(p)
     p.set_defaults(func=cmd_landscape)
 
-    p = sub.add_parser("evaluate", help="joint and per-task accuracy, parameters and FLOPs")
-    inputs(p, "one")
-    p.add_argument("--record", type=_json, default={}, help="JSON fields copied into the result")
+    p = sub.add_parser("evaluate", help="joint and per-task accuracy, parameters and FLOPs of models or merges")
+    inputs(p, "many")
+    p.add_argument("--records", type=_json, default=None, help="JSON list: fields copied into each model's record")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--out", required=True)
     device_args(p)

@@ -53,10 +53,13 @@ class SpaceMerge:
 
     @classmethod
     def single(cls, owner: int, widths: Sequence[int]) -> SpaceMerge:
-        """A space only model `owner` really has (e.g. inside identity padding): its units, as they are."""
-        d = widths[owner]
-        eye = torch.eye(d, dtype=torch.float64)
-        merge = tuple(eye if i == owner else torch.zeros(d, w, dtype=torch.float64) for i, w in enumerate(widths))
+        """A space only model `owner` really has (e.g. inside identity padding): its units, as they are.
+
+        The merged space has the widest model's width; units beyond the owner's are left empty (zero).
+        """
+        width = max(widths)
+        eye = torch.eye(width, widths[owner], dtype=torch.float64)
+        merge = tuple(eye if i == owner else torch.zeros(width, w, dtype=torch.float64) for i, w in enumerate(widths))
         return cls(merge, tuple(m.T.contiguous() for m in merge))
 
 

@@ -1,6 +1,6 @@
 """The merge-method registry. Importing this package registers every built-in method."""
 
-from hetmerge.methods import average, ensemble, mudsc, permute, weight_matching, zipit
+from hetmerge.methods import average, ensemble, hetero, mudsc, permute, weight_matching, zipit
 from hetmerge.methods.base import (
     REGISTRY,
     MergeContext,
@@ -20,6 +20,7 @@ __all__ = [
     "average",
     "build_method",
     "ensemble",
+    "hetero",
     "mudsc",
     "permute",
     "register",
