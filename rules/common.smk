@@ -167,9 +167,14 @@ def report_outputs():
     """Every file the report writes (its builders and this list must agree; a test runs both)."""
     paper = f"{RESULTS}/paper"
     outputs = [f"{paper}/main.tex", f"{paper}/results.csv", f"{paper}/tables/summary_{DATASET}.tex"]
+    groups = []
     for exp, entry in config["experiments"].items():
-        table = "mudsc" if entry["table"] == "mudsc" else "accuracy"
-        outputs.append(f"{paper}/tables/{table}_{DATASET}_{exp}.tex")
+        if entry["table"] == "hetero":
+            groups += [g for g in [entry.get("group", exp)] if g not in groups]
+        else:
+            table = "mudsc" if entry["table"] == "mudsc" else "accuracy"
+            outputs.append(f"{paper}/tables/{table}_{DATASET}_{exp}.tex")
+    outputs += [f"{paper}/tables/hetero_{DATASET}_{g}.{ext}" for g in groups for ext in ("tex", "csv")]
     outputs += [f"{paper}/figures/joint_accuracy_{DATASET}.{ext}" for ext in ("pdf", "png")]
     for exp, entry in config["experiments"].items():
         rows = [config["methods"][m] for m in entry["methods"]]
@@ -179,6 +184,8 @@ def report_outputs():
             outputs += [f"{paper}/figures/lambda_{DATASET}_{exp}.{ext}" for ext in ("pdf", "png", "csv")]
         if entry.get("landscape"):
             outputs += [f"{paper}/figures/landscape_{DATASET}_{exp}.{ext}" for ext in ("pdf", "png")]
+        if any(r["method"] == "hetero" for r in rows):
+            outputs += [f"{paper}/figures/alignment_{DATASET}_{exp}.{ext}" for ext in ("pdf", "png")]
     return outputs
 
 

@@ -22,9 +22,15 @@ from hetmerge.report import (
     latex_environment,
     latex_escape,
 )
-from hetmerge.report.aggregate import methods_in
-from hetmerge.report.figures import LAMBDA_COLUMNS
-from hetmerge.report.latex import LATEX_PACKAGES, format_accuracy, format_lams, humanize_count
+from hetmerge.report.aggregate import STATS, methods_in
+from hetmerge.report.figures import (
+    LAMBDA_COLUMNS,
+    STRATEGY_STYLES,
+    _alignment_map,
+    alignment_curves,
+    global_positions,
+)
+from hetmerge.report.latex import HETERO_ID_COLUMNS, LATEX_PACKAGES, format_accuracy, format_lams, humanize_count
 
 METHODS = {
     "base_a": ("Model A", "base"),
@@ -34,8 +40,19 @@ METHODS = {
     "zipit": ("ZipIt!_{13/20}", "merge"),
     "mudsc_align": ("MuDSC (align)", "merge"),
     "mudsc_zip": ("MuDSC (zip)", "merge"),
+    "het_sma_zip": ("SMA, zip", "merge"),
+    "het_lma_zip": ("LMA, zip", "merge"),
+    "het_head_zip": ("head, zip", "merge"),
+    "het_sma_align": ("SMA, permute", "merge"),
 }
-ARCHS = {"resnet": "ResNet-20", "vgg": "VGG-11 #4", "vit": "ViT-T"}
+ARCHS = {
+    "resnet": "ResNet-20",
+    "vgg": "VGG-11 #4",
+    "vit": "ViT-T",
+    "vgg_depth": "VGG19 ⊕ VGG13",
+    "vgg19_homo": "VGG19 + VGG19",
+    "vgg13_solo": "VGG13 + VGG13",
+}
 
 
 def record(
@@ -184,6 +201,104 @@ def landscape() -> dict[str, Any]:
 
 
 ANALYSIS = [*SWEEPS, landscape()]
+
+
+# Heterogeneous merging: deep model (A) with stages of 3 blocks, shallow model (B) with stages of 2.
+CKA = [
+    [0.9, 0.2, 0.1, 0.0],
+    [0.5, 0.4, 0.2, 0.1],
+    [0.3, 0.8, 0.2, 0.1],
+    [0.1, 0.2, 0.9, 0.3],
+    [0.1, 0.1, 0.6, 0.7],
+    [0.0, 0.1, 0.3, 0.5],
+]
+STRATEGIES = {"het_sma_zip": "segment", "het_lma_zip": "layer", "het_head_zip": "head", "het_sma_align": "segment"}
+POSITIONS = {"segment": [[0, 2], [0, 1]], "layer": [[0, 2], [0, 1]], "head": [[0, 1], [0, 1]]}
+
+
+def het(
+    method: str,
+    pair: int,
+    joint: float,
+    a: float | None,
+    b: float | None,
+    *,
+    arch: str = "vgg_depth",
+    group: str | None = "vgg_depth",
+) -> dict[str, Any]:
+    """A "hetero"-layout record; het_* rows carry the depth alignment notes (pair 1's SMA differs from pair 0's)."""
+    item = {**record(method, pair, joint, a, b, arch=arch, layout="hetero"), "group": group}
+    if method in STRATEGIES:
+        strategy = STRATEGIES[method]
+        positions = [[0, 1], [0, 2]] if pair == 1 and strategy == "segment" else POSITIONS[strategy]
+        solver = "align" if method.endswith("align") else "zip"
+        notes = {
+            "deep_model": 0,
+            "deep_blocks": [3, 3],
+            "shallow_blocks": [2, 2],
+            "positions": positions,
+            "alignment_score": 1.0,
+            "cka": CKA,
+            "single_model_spaces": [],
+            "sweeps": 3,
+        }
+        item["source"] = {"method": "hetero", "params": {"strategy": strategy, "solver": solver}, "notes": notes}
+    return item
+
+
+# By hand (mean ± sample std over the two pairs, in %); columns Joint, A, B, Avg:
+# VGG19 ⊕ VGG13: SMA, zip      62.0 ± 2.8, 71.0 ± 1.4, 75.0 ± 1.4, 73.0 ± 1.4
+#                LMA, zip      60.0 ± 2.8, 72.0 ± 2.8, 71.0 ± 1.4, 71.5 ± 2.1
+#                head, zip     42.0 ± 2.8, 51.0 ± 1.4, 51.0 ± 1.4, 51.0 ± 1.4
+#                SMA, permute  57.0 ± 1.4, 77.0 ± 1.4, 67.0 ± 1.4, 72.0 ± 1.4
+# VGG19 + VGG19: ZipIt!        68.0 ± 2.8, 82.0 ± 2.8, 79.0 ± 1.4, 80.5 ± 2.1 (beats every merge of the block above)
+#                W.Avg         32.0 ± 2.8, 40.0 ± 0.0, 40.0 ± 0.0, 40.0 ± 0.0
+# Pair 1 comes first, so the figure must pick the lowest pair rather than the first record.
+HETERO_RECORDS = [
+    *(
+        het(method, pair, *values[pair])
+        for pair in (1, 0)
+        for method, values in {
+            "base_a": [(0.50, 0.90, None), (0.60, 0.92, None)],
+            "base_b": [(0.52, None, 0.88), (0.58, None, 0.86)],
+            "ensemble": [(0.80, 0.91, 0.87), (0.82, 0.93, 0.85)],
+            "het_sma_zip": [(0.60, 0.70, 0.74), (0.64, 0.72, 0.76)],
+            "het_lma_zip": [(0.58, 0.70, 0.70), (0.62, 0.74, 0.72)],
+            "het_head_zip": [(0.40, 0.50, 0.50), (0.44, 0.52, 0.52)],
+            "het_sma_align": [(0.56, 0.76, 0.66), (0.58, 0.78, 0.68)],
+        }.items()
+    ),
+    *(
+        het(method, pair, *values[pair], arch="vgg19_homo")
+        for pair in (0, 1)
+        for method, values in {
+            "base_a": [(0.70, 0.95, None), (0.72, 0.95, None)],
+            "base_b": [(0.68, None, 0.94), (0.70, None, 0.96)],
+            "weight_avg": [(0.30, 0.40, 0.40), (0.34, 0.40, 0.40)],
+            "zipit": [(0.66, 0.80, 0.78), (0.70, 0.84, 0.80)],
+        }.items()
+    ),
+    # No group: a table of its own.
+    het("base_a", 0, 0.55, 0.9, None, arch="vgg13_solo", group=None),
+    {k: v for k, v in het("zipit", 0, 0.5, arch="vgg13_solo", a=0.6, b=0.7).items() if k != "group"},
+]
+HETERO_ORDER = [
+    "base_a",
+    "base_b",
+    "ensemble",
+    "zipit",
+    "weight_avg",
+    "het_sma_zip",
+    "het_lma_zip",
+    "het_head_zip",
+    "het_sma_align",
+]
+
+
+@pytest.fixture(scope="module")
+def hetero_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    out_dir = tmp_path_factory.mktemp("hetero_report")
+    return out_dir, build_report(RECORDS + HETERO_RECORDS, out_dir, title="Hetero", method_order=HETERO_ORDER)
 
 
 @pytest.fixture(scope="module")
@@ -492,12 +607,194 @@ def test_cli_report_reads_analysis(tmp_path: Path) -> None:
     assert not (tmp_path / "plain" / "figures" / "lambda_fashion_mnist_vit.csv").exists()
 
 
+def test_hetero_table(hetero_report: tuple[Path, list[Path]]) -> None:
+    out_dir, _ = hetero_report
+    table = (out_dir / "tables" / "hetero_fashion_mnist_vgg_depth.tex").read_text()
+    assert "Method & Joint & Task A & Task B & Avg \\\\" in table
+    assert "\\label{tab:hetero-fashion_mnist-vgg_depth}" in table and "mean $\\pm$ std over 2 model pairs" in table
+    assert "minibatch linear CKA on the merge slice" in table
+    # Blocks in the order the experiments' records arrive (not alphabetical), each under its title.
+    header = "\\multicolumn{5}{@{}l}{\\textit{VGG19 $\\oplus$ VGG13}} \\\\"
+    homo_header = "\\multicolumn{5}{@{}l}{\\textit{VGG19 + VGG19}} \\\\"
+    lines = [line.strip() for line in table.splitlines()]
+    assert lines.index(header) < lines.index(homo_header)
+    assert lines[lines.index(homo_header) - 1] == "\\midrule"
+    # Within a block: base models, the ensemble, then merges in method order.
+    depth = lines[lines.index(header) + 1 : lines.index(homo_header)]
+    labels = [line.split(" & ")[0] for line in depth if " & " in line]
+    assert labels == ["Model A", "Model B", "Ensemble", "SMA, zip", "LMA, zip", "head, zip", "SMA, permute"]
+    homo = lines[lines.index(homo_header) + 1 :]
+    assert [line.split(" & ")[0] for line in homo if " & " in line] == [
+        "Model A",
+        "Model B",
+        "ZipIt!\\_\\{13/20\\}",
+        "W.Avg \\& co",
+    ]
+    # Best merge per column within each block: ZipIt!'s 68.0 does not take SMA's bold in the block above.
+    assert depth[depth.index(row_of(table, "SMA, zip"))] == (
+        "SMA, zip & \\textbf{62.0 $\\pm$ 2.8} & 71.0 $\\pm$ 1.4 & \\textbf{75.0 $\\pm$ 1.4} & "
+        "\\textbf{73.0 $\\pm$ 1.4} \\\\"
+    )
+    assert row_of(table, "LMA, zip") == (
+        "LMA, zip & 60.0 $\\pm$ 2.8 & 72.0 $\\pm$ 2.8 & 71.0 $\\pm$ 1.4 & 71.5 $\\pm$ 2.1 \\\\"
+    )
+    assert row_of(table, "SMA, permute") == (
+        "SMA, permute & 57.0 $\\pm$ 1.4 & \\textbf{77.0 $\\pm$ 1.4} & 67.0 $\\pm$ 1.4 & 72.0 $\\pm$ 1.4 \\\\"
+    )
+    zipit = next(line for line in homo if line.startswith("ZipIt!"))
+    assert zipit == (
+        "ZipIt!\\_\\{13/20\\} & \\textbf{68.0 $\\pm$ 2.8} & \\textbf{82.0 $\\pm$ 2.8} & "
+        "\\textbf{79.0 $\\pm$ 1.4} & \\textbf{80.5 $\\pm$ 2.1} \\\\"
+    )
+    model_a = next(line for line in depth if line.startswith("Model A"))
+    assert model_a == "Model A & 55.0 $\\pm$ 7.1 & 91.0 $\\pm$ 1.4 & -- & 91.0 $\\pm$ 1.4 \\\\"
+    assert table.count("\\textbf") == 8
+
+
+def test_hetero_layout_replaces_only_the_accuracy_table(hetero_report: tuple[Path, list[Path]]) -> None:
+    out_dir, written = hetero_report
+    names = {path.relative_to(out_dir).as_posix() for path in written}
+    assert {name for name in names if name.startswith("tables/")} == {
+        "tables/summary_fashion_mnist.tex",
+        "tables/accuracy_fashion_mnist_resnet.tex",
+        "tables/accuracy_fashion_mnist_vgg.tex",
+        "tables/hetero_fashion_mnist_vgg_depth.tex",
+        "tables/hetero_fashion_mnist_vgg_depth.csv",
+        "tables/hetero_fashion_mnist_vgg13_solo.tex",
+        "tables/hetero_fashion_mnist_vgg13_solo.csv",
+    }
+    # An experiment without a group gets a table of its own, from a single pair.
+    solo = (out_dir / "tables" / "hetero_fashion_mnist_vgg13_solo.tex").read_text()
+    assert "single model pair" in solo and "\\textit{VGG13 + VGG13}" in solo and "VGG19" not in solo
+    assert row_of(solo, "ZipIt!\\_\\{13/20\\}") == (
+        "ZipIt!\\_\\{13/20\\} & \\textbf{50.0} & \\textbf{60.0} & \\textbf{70.0} & \\textbf{65.0} \\\\"
+    )
+    assert "CKA" not in solo  # no depth-heterogeneous rows, no word about their alignment
+    # Still in the summary table and the joint accuracy figure.
+    summary = (out_dir / "tables" / "summary_fashion_mnist.tex").read_text()
+    assert "VGG19 $\\oplus$ VGG13" in summary and "VGG19 + VGG19" in summary
+    assert row_of(summary, "SMA, zip") == "SMA, zip & -- & -- & -- & -- & \\textbf{62.0 $\\pm$ 2.8} \\\\"
+    assert "figures/joint_accuracy_fashion_mnist.pdf" in names
+    main = (out_dir / "main.tex").read_text()
+    assert "\\input{tables/hetero_fashion_mnist_vgg_depth.tex}" in main
+    assert "\\input{tables/hetero_fashion_mnist_vgg13_solo.tex}" in main
+
+
+def test_hetero_csv(hetero_report: tuple[Path, list[Path]]) -> None:
+    out_dir, _ = hetero_report
+    with open(out_dir / "tables" / "hetero_fashion_mnist_vgg_depth.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    stats = [f"{metric}_{stat}" for metric in ("joint", "tasks.A", "tasks.B", "task_avg") for stat in STATS]
+    assert tuple(rows[0]) == (*HETERO_ID_COLUMNS, *stats)
+    # Table order: the VGG19 ⊕ VGG13 block, then VGG19 + VGG19.
+    assert [(row["experiment"], row["method"]) for row in rows] == [
+        *(("vgg_depth", m) for m in ["base_a", "base_b", "ensemble", *STRATEGIES]),
+        *(("vgg19_homo", m) for m in ["base_a", "base_b", "zipit", "weight_avg"]),
+    ]
+    assert {row["group"] for row in rows} == {"vgg_depth"}
+    frame = aggregate(RECORDS + HETERO_RECORDS).set_index(["arch", "method"])
+    for row in rows:
+        expected = frame.loc[(row["experiment"], row["method"])]
+        assert row["label"] == expected["label"] and row["arch_label"] == expected["arch_label"]
+        for column in stats:
+            if math.isnan(expected[column]):
+                assert row[column] == "", column  # no value (a base model's other task), as in results.csv
+            else:
+                assert float(row[column]) == pytest.approx(float(expected[column]), abs=1e-12), column
+    sma = next(row for row in rows if row["method"] == "het_sma_zip")
+    assert float(sma["joint_mean"]) == pytest.approx(0.62) and float(sma["task_avg_mean"]) == pytest.approx(0.73)
+    assert float(sma["tasks.A_std"]) == pytest.approx(0.02 / math.sqrt(2)) and sma["joint_n"] == "2"
+    base_b = next(row for row in rows if row["experiment"] == "vgg_depth" and row["method"] == "base_b")
+    assert base_b["tasks.A_mean"] == "" and base_b["tasks.A_n"] == "0"
+
+
+def test_groups_must_agree(tmp_path: Path) -> None:
+    mixed = [het("zipit", 0, 0.5, 0.6, 0.7, group="x"), het("zipit", 1, 0.5, 0.6, 0.7, group="y")]
+    with pytest.raises(ValueError, match="disagree on 'group'"):
+        build_report(mixed, tmp_path, title="t")
+
+
+def test_global_positions() -> None:
+    # VGG19 ⊕ VGG13 of the brief: stages of 6 deep and 4 shallow blocks.
+    positions = [[0, 1, 3, 5], [0, 2, 3, 5], [0, 1, 2, 5]]
+    stages = global_positions(positions, [6, 6, 6], [4, 4, 4])
+    assert stages == [
+        [(0, 0), (1, 1), (2, 3), (3, 5)],
+        [(4, 6), (5, 8), (6, 9), (7, 11)],
+        [(8, 12), (9, 13), (10, 14), (11, 17)],
+    ]
+    assert global_positions([[0, 2], [0]], [3, 2], [2, 1]) == [[(0, 0), (1, 2)], [(2, 3)]]
+    with pytest.raises(ValueError, match="strictly increasing"):
+        global_positions([[0, 0]], [3], [2])
+    with pytest.raises(ValueError, match="outside"):
+        global_positions([[0, 3]], [3], [2])
+    with pytest.raises(ValueError, match="stages"):
+        global_positions([[0, 1]], [3, 3], [2, 2])
+
+
+def test_alignment_curves_draw_each_alignment_once() -> None:
+    rows = [item for item in HETERO_RECORDS if item["pair"] == 0 and item["method"] in STRATEGIES]
+    rows.sort(key=lambda item: HETERO_ORDER.index(item["method"]))
+    curves = alignment_curves(rows)
+    # SMA with zip and with permute share one curve; LMA has the same positions but is another strategy.
+    assert [(curve.name, curve.methods) for curve in curves] == [
+        ("SMA (segment)", ("het_sma_zip", "het_sma_align")),
+        ("LMA", ("het_lma_zip",)),
+        ("head", ("het_head_zip",)),
+    ]
+    assert curves[0].stages == (((0, 0), (1, 2)), ((2, 3), (3, 4)))
+    assert curves[2].stages == (((0, 0), (1, 1)), ((2, 3), (3, 4)))
+    # A strategy seen with two alignments gets two curves, told apart by their rows' labels.
+    other = het("het_sma_align", 1, 0.5, 0.5, 0.5)
+    two = alignment_curves([rows[0], {**other, "pair": 0}])
+    assert [curve.name for curve in two] == ["SMA (segment) (SMA, zip)", "SMA (segment) (SMA, permute)"]
+    assert {name for name, _, _ in STRATEGY_STYLES.values()} >= {"SMA (segment)", "LMA", "LMA (code)", "head–tail"}
+
+
+def test_alignment_figure(hetero_report: tuple[Path, list[Path]]) -> None:
+    out_dir, written = hetero_report
+    names = {path.relative_to(out_dir).as_posix() for path in written}
+    assert {name for name in names if name.startswith("figures/alignment_")} == {
+        "figures/alignment_fashion_mnist_vgg_depth.pdf",
+        "figures/alignment_fashion_mnist_vgg_depth.png",
+    }
+    main = (out_dir / "main.tex").read_text()
+    assert "\\includegraphics{figures/alignment_fashion_mnist_vgg_depth.pdf}" in main
+    assert "\\label{fig:alignment-fashion_mnist-vgg_depth}" in main
+    caption = next(line for line in main.splitlines() if "depth alignment of model pair" in line)
+    assert "VGG19 $\\oplus$ VGG13: depth alignment of model pair 0" in caption
+    assert "minibatch linear CKA on the merge slice" in caption
+    assert "deeper model (Model A, y axis)" in caption and "shallower one (Model B, x axis)" in caption
+    # What is drawn: one legend entry and one line per distinct alignment, at the first pair's positions.
+    rows = sorted(
+        (item for item in HETERO_RECORDS if item["pair"] == 0 and item["method"] in STRATEGIES),
+        key=lambda item: HETERO_ORDER.index(item["method"]),
+    )
+    fig = _alignment_map(rows[0]["source"]["notes"], alignment_curves(rows), "Model A", "Model B")
+    legend = fig.legends[0]
+    assert [text.get_text() for text in legend.get_texts()] == ["SMA (segment)", "LMA", "head"]
+    lines = fig.axes[0].get_lines()
+    sma = next(line for line in lines if line.get_label() == "SMA (segment)")
+    ys = [y for y in sma.get_ydata() if not math.isnan(y)]
+    assert ys == [0, 2, 3, 4]
+
+
+def test_hetero_report_is_byte_identical_on_rerun(hetero_report: tuple[Path, list[Path]]) -> None:
+    out_dir, written = hetero_report
+    before = {path: path.read_bytes() for path in written}
+    again = build_report(RECORDS + HETERO_RECORDS, out_dir, title="Hetero", method_order=HETERO_ORDER)
+    assert again == written
+    assert {path: path.read_bytes() for path in again} == before
+
+
 @pytest.mark.slow
 def test_compile_latex(tmp_path: Path) -> None:
-    # Every kind of artifact: standard and MuDSC tables, bar, λ and landscape figures.
-    build_report(RECORDS + MUDSC_RECORDS, tmp_path, title="Results & more", analysis=ANALYSIS)
+    # Every kind of artifact: standard, MuDSC and hetero tables, bar, λ, landscape and alignment figures.
+    build_report(RECORDS + MUDSC_RECORDS + HETERO_RECORDS, tmp_path, title="Results & more", analysis=ANALYSIS)
     assert (tmp_path / "tables" / "mudsc_fashion_mnist_vit.tex").exists()
+    assert (tmp_path / "tables" / "hetero_fashion_mnist_vgg_depth.tex").exists()
     assert (tmp_path / "figures" / "landscape_fashion_mnist_vit.pdf").exists()
+    assert (tmp_path / "figures" / "alignment_fashion_mnist_vgg_depth.pdf").exists()
     pdf = compile_or_skip(tmp_path / "main.tex")
     assert pdf == tmp_path / "main.pdf"
     assert pdf.read_bytes().startswith(b"%PDF")

@@ -18,7 +18,7 @@ DESCRIPTORS = ("arch_label", "label", "kind")
 """Display fields that must be constant within a row's records."""
 BASE_METRICS = ("joint", "task_avg", "params", "flops")
 STATS = ("mean", "std", "n")
-LAYOUTS = ("standard", "mudsc")
+LAYOUTS = ("standard", "mudsc", "hetero")
 """Table layouts an experiment can ask for (record field `layout`; records without it are "standard")."""
 
 
@@ -114,6 +114,23 @@ def layouts(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], str]:
     for (dataset, arch), values in found.items():
         if len(values) > 1:
             raise ValueError(f"records for {dataset}/{arch} disagree on 'layout': {sorted(values)}")
+    return {key: next(iter(values)) for key, values in found.items()}
+
+
+def groups(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], str]:
+    """Table group of every (dataset, arch) in `records`: the record field `group`, or the experiment's own
+    key where it is null or absent (an experiment without a group gets a table of its own).
+
+    Raises ValueError for an experiment whose records disagree, since it would land in two tables.
+    """
+    found: dict[tuple[str, str], set[str]] = {}
+    for record in records:
+        group = record.get("group")
+        key = (record["dataset"], record["arch"])
+        found.setdefault(key, set()).add(record["arch"] if group is None else str(group))
+    for (dataset, arch), values in found.items():
+        if len(values) > 1:
+            raise ValueError(f"records for {dataset}/{arch} disagree on 'group': {sorted(values)}")
     return {key: next(iter(values)) for key, values in found.items()}
 
 

@@ -12,8 +12,14 @@ from typing import Any
 
 from hetmerge.atomic import atomic_open
 from hetmerge.report.aggregate import ReportData, aggregate
-from hetmerge.report.figures import joint_accuracy_figures, lambda_figures, landscape_figures, partial_zip_figures
-from hetmerge.report.latex import Artifact, accuracy_tables, mudsc_tables, render_to, summary_tables
+from hetmerge.report.figures import (
+    alignment_figures,
+    joint_accuracy_figures,
+    lambda_figures,
+    landscape_figures,
+    partial_zip_figures,
+)
+from hetmerge.report.latex import Artifact, accuracy_tables, hetero_tables, mudsc_tables, render_to, summary_tables
 
 Builder = Callable[[ReportData, Path], list[Artifact]]
 
@@ -21,10 +27,12 @@ BUILDERS: dict[str, Builder] = {
     "summary_tables": summary_tables,
     "accuracy_tables": accuracy_tables,
     "mudsc_tables": mudsc_tables,
+    "hetero_tables": hetero_tables,
     "joint_accuracy_figures": joint_accuracy_figures,
     "partial_zip_figures": partial_zip_figures,
     "lambda_figures": lambda_figures,
     "landscape_figures": landscape_figures,
+    "alignment_figures": alignment_figures,
 }
 
 ANALYSIS_KINDS = ("lambda_sweep", "landscape")

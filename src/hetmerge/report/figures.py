@@ -7,8 +7,12 @@ matplotlibrc, so building a report neither depends on nor changes the caller's p
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm
+from matplotlib.colors import ListedColormap, LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -457,4 +461,208 @@ def _landscape_panels(record: Mapping[str, Any]) -> Figure:
     ]
     colourbar.set_ticks(ticks, labels=[f"{tick:g}" for tick in ticks])
     fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 4))
+    return fig
+
+
+STRATEGY_STYLES = {
+    "segment": ("SMA (segment)", "#0072B2", "o"),
+    "layer": ("LMA", "#E69F00", "s"),
+    "layer_code": ("LMA (code)", "#009E73", "^"),
+    "head": ("head", "#D55E00", "v"),
+    "uniform": ("uniform", "#CC79A7", "D"),
+    "head_tail": ("head–tail", "#56B4E9", "P"),
+}
+"""Readable name, colour and marker of each depth-alignment strategy, fixed so that every figure agrees."""
+_OTHER_STYLES = (("#000000", "X"), ("#F0E442", "h"), ("#000000", "<"), ("#F0E442", ">"))
+
+
+@dataclass(frozen=True)
+class AlignmentCurve:
+    """One distinct alignment drawn on the CKA map: its strategy, legend name, the (global) points
+    (shallow block, deep position) per stage, and the rows (methods) that produced it."""
+
+    strategy: str
+    name: str
+    stages: tuple[tuple[tuple[int, int], ...], ...]
+    methods: tuple[str, ...]
+
+
+def stage_offsets(blocks: Sequence[int]) -> list[int]:
+    """Global index of each stage's first block, given the blocks per stage."""
+    return [int(sum(blocks[:i])) for i in range(len(blocks))]
+
+
+def global_positions(
+    positions: Sequence[Sequence[int]], deep_blocks: Sequence[int], shallow_blocks: Sequence[int]
+) -> list[list[tuple[int, int]]]:
+    """Per stage, the (shallow block, deep block) pairs of an alignment in global indices (stages concatenated,
+    as in the CKA matrix): shallow block k of stage s sits at deep position `positions[s][k]` of that stage.
+
+    Raises ValueError for positions that do not fit the stages (wrong count, not strictly increasing or
+    beyond the stage), since they would be drawn in the wrong place.
+    """
+    if not len(positions) == len(deep_blocks) == len(shallow_blocks):
+        raise ValueError(
+            f"alignment has {len(positions)} stages of positions, {len(deep_blocks)} deep and "
+            f"{len(shallow_blocks)} shallow stages"
+        )
+    deep_start, shallow_start = stage_offsets(deep_blocks), stage_offsets(shallow_blocks)
+    points = []
+    for s, stage in enumerate(positions):
+        stage = [int(p) for p in stage]
+        if len(stage) != shallow_blocks[s] or any(b <= a for a, b in itertools.pairwise(stage)):
+            raise ValueError(f"stage {s} positions {stage} are not {shallow_blocks[s]} strictly increasing positions")
+        if stage and not 0 <= stage[0] <= stage[-1] < deep_blocks[s]:
+            raise ValueError(f"stage {s} positions {stage} lie outside its {deep_blocks[s]} deep blocks")
+        points.append([(shallow_start[s] + k, deep_start[s] + p) for k, p in enumerate(stage)])
+    return points
+
+
+def alignment_curves(rows: Sequence[Mapping[str, Any]]) -> list[AlignmentCurve]:
+    """The distinct (strategy, positions) among one model pair's hetero records, in the given row order.
+
+    Rows that differ only in their solver share an alignment and give one curve. A strategy that appears with
+    different positions (e.g. rows merged on differently computed similarities) gets a curve per alignment,
+    its legend name then followed by the rows' labels.
+    """
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        notes = row["source"]["notes"]
+        strategy = str(row["source"].get("params", {}).get("strategy", "segment"))
+        stages = global_positions(notes["positions"], notes["deep_blocks"], notes["shallow_blocks"])
+        key = (strategy, json.dumps(stages))
+        entry = found.setdefault(key, {"stages": stages, "methods": [], "labels": []})
+        entry["methods"].append(row["method"])
+        entry["labels"].append(row["label"])
+    per_strategy = Counter(strategy for strategy, _ in found)
+    curves = []
+    for (strategy, _), entry in found.items():
+        name = STRATEGY_STYLES.get(strategy, (strategy,))[0]
+        if per_strategy[strategy] > 1:
+            name += f" ({', '.join(entry['labels'])})"
+        stages = tuple(tuple(stage) for stage in entry["stages"])
+        curves.append(AlignmentCurve(strategy, name, stages, tuple(entry["methods"])))
+    return curves
+
+
+def alignment_figures(data: ReportData, out_dir: Path) -> list[Artifact]:
+    """Per dataset and architecture with heterogeneous-merging rows (`source.method` "hetero"), for the first
+    model pair: the CKA between the deeper model's blocks (y) and the shallower one's (x) as a heat map with
+    the stage boundaries, and the alignment of every strategy drawn on it.
+    """
+    ranks = dict(zip(data.frame["method"], data.frame["method_rank"], strict=True))
+    by_experiment: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for record in data.records:
+        if (record.get("source") or {}).get("method") == "hetero":
+            by_experiment.setdefault((record["dataset"], record["arch"]), []).append(record)
+    artifacts = []
+    for (dataset, arch), records in sorted(by_experiment.items()):
+        pair = min(record["pair"] for record in records)
+        rows = sorted(
+            (record for record in records if record["pair"] == pair),
+            key=lambda record: (ranks.get(record["method"], math.inf), record["method"]),
+        )
+        first = rows[0]
+        notes = first["source"]["notes"]
+        for row in rows[1:]:
+            other = row["source"]["notes"]
+            if any(other[field] != notes[field] for field in ("deep_model", "deep_blocks", "shallow_blocks")):
+                raise ValueError(
+                    f"hetero rows of {dataset}/{arch} pair {pair} disagree on which model is deeper or on its "
+                    f"stages ({first['method']} vs {row['method']})"
+                )
+        curves = alignment_curves(rows)
+        names = _model_names(first)
+        deep, shallow = names[notes["deep_model"]], names[1 - notes["deep_model"]]
+        with matplotlib.rc_context(fname=RC_FILE):
+            fig = _alignment_map(notes, curves, deep, shallow)
+            pdf, png = save_figure(fig, out_dir / "figures" / f"alignment_{slug(dataset)}_{slug(arch)}")
+        caption = (
+            rf"{latex_escape(dataset)}, {latex_escape(first['arch_label'])}: depth alignment of model pair "
+            f"{latex_escape(pair)}. Heat map: minibatch linear CKA on the merge slice between the output of every "
+            f"block of the deeper model ({latex_escape(deep)}, y axis) and of the shallower one "
+            f"({latex_escape(shallow)}, x axis); lines mark the stage boundaries, tick labels count blocks "
+            "within their stage. Markers: the deep block at which each strategy places every shallow block "
+            "(positions without one become identity blocks); rows that differ only in their solver share one "
+            "alignment."
+        )
+        if len(curves) > 1:
+            caption += " Strategies are shifted slightly sideways so that coinciding alignments stay visible."
+        label = f"fig:alignment-{slug(dataset)}-{slug(arch)}"
+        artifacts.append(Artifact("figure", dataset, pdf, (pdf, png), caption, label))
+    return artifacts
+
+
+def _model_names(record: Mapping[str, Any]) -> list[str]:
+    """Names of the two models as the base rows label them: model i was trained on the record's i-th task."""
+    tasks = list(record.get("tasks") or record["metrics"]["tasks"])
+    return [f"Model {task}" for task in tasks] if len(tasks) == 2 else ["Model 1", "Model 2"]
+
+
+def _strategy_style(strategy: str, others: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    if strategy in STRATEGY_STYLES:
+        return STRATEGY_STYLES[strategy][1:]
+    return others.setdefault(strategy, _OTHER_STYLES[len(others) % len(_OTHER_STYLES)])
+
+
+def _alignment_map(notes: Mapping[str, Any], curves: Sequence[AlignmentCurve], deep: str, shallow: str) -> Figure:
+    deep_blocks = [int(n) for n in notes["deep_blocks"]]
+    shallow_blocks = [int(n) for n in notes["shallow_blocks"]]
+    cka = np.array(notes["cka"], dtype=float)
+    if cka.shape != (sum(deep_blocks), sum(shallow_blocks)):
+        raise ValueError(f"CKA matrix has shape {cka.shape}, expected {(sum(deep_blocks), sum(shallow_blocks))}")
+    n_deep, n_shallow = cka.shape
+    # Square cells; the height follows the depth ratio, within what a page holds.
+    axes_width = SINGLE_COLUMN_IN - 1.0
+    height = min(max(axes_width * n_deep / n_shallow + 0.7, 2.2), 6.0)
+    fig = Figure(figsize=(SINGLE_COLUMN_IN, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    # Greys up to a mid grey only, so that coloured markers stay visible on the most similar blocks.
+    greys = ListedColormap(matplotlib.colormaps["Greys"](np.linspace(0.0, 0.7, 256)))
+    image = ax.imshow(cka, cmap=greys, vmin=0.0, vmax=1.0, origin="lower", interpolation="nearest", aspect="equal")
+    for start in stage_offsets(deep_blocks)[1:]:
+        ax.axhline(start - 0.5, color="black", linewidth=0.6)
+    for start in stage_offsets(shallow_blocks)[1:]:
+        ax.axvline(start - 0.5, color="black", linewidth=0.6)
+
+    others: dict[str, tuple[str, str]] = {}
+    handles = []
+    shift = 0.12 if len(curves) > 1 else 0.0
+    for j, curve in enumerate(curves):
+        colour, marker = _strategy_style(curve.strategy, others)
+        dx = (j - (len(curves) - 1) / 2) * shift
+        xs: list[float] = []
+        ys: list[float] = []
+        for stage in curve.stages:
+            # A gap between stages: each stage is aligned on its own.
+            xs += [x + dx for x, _ in stage] + [math.nan]
+            ys += [y for _, y in stage] + [math.nan]
+        (handle,) = ax.plot(
+            xs,
+            ys,
+            color=colour,
+            marker=marker,
+            markersize=3.5,
+            markeredgecolor="black",
+            markeredgewidth=0.3,
+            linewidth=0.8,
+            label=curve.name,
+        )
+        handles.append(handle)
+
+    ax.set_xticks(range(n_shallow), [str(k) for n in shallow_blocks for k in range(n)])
+    ax.set_yticks(range(n_deep), [str(k) for n in deep_blocks for k in range(n)])
+    ax.tick_params(length=0)
+    ax.set_xlim(-0.5, n_shallow - 0.5)
+    ax.set_ylim(-0.5, n_deep - 0.5)
+    ax.grid(False)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(True)
+    ax.set_xlabel(f"Block of the shallower model ({shallow}), per stage")
+    ax.set_ylabel(f"Block of the deeper model ({deep}), per stage")
+    colourbar = fig.colorbar(image, ax=ax, pad=0.02, shrink=0.8)
+    colourbar.set_label("Linear CKA")
+    if handles:
+        fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 3))
     return fig

@@ -20,7 +20,7 @@ import jinja2
 import pandas as pd
 
 from hetmerge.atomic import atomic_open, atomic_path
-from hetmerge.report.aggregate import ReportData, layouts, methods_in, task_metric, tasks_in
+from hetmerge.report.aggregate import STATS, ReportData, groups, layouts, methods_in, task_metric, tasks_in
 
 LATEX_PACKAGES = "texlive-latex-base texlive-latex-recommended texlive-latex-extra latexmk"
 """Debian packages that provide everything main.tex needs."""
@@ -40,6 +40,10 @@ _ESCAPES = {
     "α": r"$\alpha$",
     "β": r"$\beta$",
     "λ": r"$\lambda$",
+    # Nor for these, which experiment labels use ("VGG19 ⊕ VGG13", "ResNet-20 ×2").
+    "⊕": r"$\oplus$",
+    "×": r"$\times$",
+    "−": r"$-$",
 }
 _ESCAPE_PATTERN = re.compile("|".join(map(re.escape, _ESCAPES)))
 _UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
@@ -67,11 +71,13 @@ class Artifact:
 
 @dataclass(frozen=True)
 class TableRow:
-    """One table row: a data label (escaped by the template) and already formatted LaTeX cells."""
+    """One table row: a data label (escaped by the template) and already formatted LaTeX cells; a `header`
+    row is a block title spanning the table (its label only)."""
 
     label: str
     cells: Sequence[str]
     rule_before: bool = False
+    header: bool = False
 
 
 def latex_escape(text: object) -> str:
@@ -280,6 +286,88 @@ def _lams(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], di
         key = (record["dataset"], record["arch"], record["method"])
         lams.setdefault(key, {})[record["pair"]] = None if lam is None else float(lam)
     return lams
+
+
+_KIND_ORDER = {"base": 0, "ensemble": 1, "merge": 2}
+"""Row order within a block of the hetero table: references first, then merges (unknown kinds last)."""
+HETERO_ID_COLUMNS = ("dataset", "group", "experiment", "arch_label", "method", "label", "kind", "n_pairs")
+"""Leading columns of a hetero table's CSV; `<metric>_{mean,std,n}` follow for Joint, each task and Avg."""
+
+
+def hetero_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
+    """Per dataset and group of "hetero"-layout experiments (see `groups`): heterogeneous merges next to
+    their homogeneous references, one block of rows per experiment.
+
+    A block is titled by the experiment's label and lists its base models, the ensemble, then its merges in
+    method order; columns are Joint, each task and Avg, the best merge per column within each block in bold.
+    Experiments follow the order in which their records first arrive (the pipeline's is the configuration's).
+    The same numbers go to `hetero_<dataset>_<group>.csv` (fractions, like results.csv), so that the text
+    can quote them.
+    """
+    layout = layouts(data.records)
+    group_of = groups(data.records)
+    members: dict[tuple[str, str], list[str]] = {}
+    for dataset, arch in dict.fromkeys((record["dataset"], record["arch"]) for record in data.records):
+        if layout[(dataset, arch)] == "hetero":
+            members.setdefault((dataset, group_of[(dataset, arch)]), []).append(arch)
+    depth_merged = {
+        (record["dataset"], record["arch"])
+        for record in data.records
+        if (record.get("source") or {}).get("method") == "hetero"
+    }
+    artifacts = []
+    for (dataset, group), archs in sorted(members.items()):
+        frame = data.frame[(data.frame["dataset"] == dataset) & data.frame["arch"].isin(archs)]
+        tasks = tasks_in(frame)
+        metrics = ["joint", *(task_metric(task) for task in tasks), "task_avg"]
+        table_rows: list[TableRow] = []
+        csv_rows: list[dict[str, Any]] = []
+        for arch in archs:
+            rows = sorted(
+                frame[frame["arch"] == arch].to_dict("records"),
+                key=lambda row: (_KIND_ORDER.get(row["kind"], len(_KIND_ORDER)), row["method_rank"]),
+            )
+            table_rows.append(TableRow(rows[0]["arch_label"], [], rule_before=bool(table_rows), header=True))
+            columns_by_metric = [accuracy_cells(rows, metric, bold_best=True) for metric in metrics]
+            rules = kind_rules([row["kind"] for row in rows])
+            for i, row in enumerate(rows):
+                table_rows.append(TableRow(row["label"], [cells[i] for cells in columns_by_metric], rules[i]))
+                csv_rows.append(
+                    {
+                        "dataset": dataset,
+                        "group": group,
+                        "experiment": arch,
+                        **{field: row[field] for field in HETERO_ID_COLUMNS[3:]},
+                        **{f"{metric}_{stat}": row[f"{metric}_{stat}"] for metric in metrics for stat in STATS},
+                    }
+                )
+        caption = (
+            rf"{latex_escape(dataset)}, {latex_escape(group)}: accuracy (\%) of merging models of different "
+            f"depth or width, with homogeneous references, {pairs_phrase(frame['n_pairs'])}. One block per "
+            "experiment, titled by its two models; best merge per column within each block in bold (base models "
+            "and the ensemble are references and do not compete)."
+        )
+        if any((dataset, arch) in depth_merged for arch in archs):
+            caption += (
+                " Depth-heterogeneous merges place each block of the shallower model at a block of the deeper one, "
+                "by minibatch linear CKA on the merge slice (SMA: segment-wise, LMA: layer-wise alignment), pad "
+                "the remaining positions with identity blocks and then match the equally deep models."
+            )
+        stem = f"hetero_{slug(dataset)}_{slug(group)}"
+        path = render_to(
+            out_dir / "tables" / f"{stem}.tex",
+            "table.tex.j2",
+            caption=caption,
+            label=f"tab:hetero-{slug(dataset)}-{slug(group)}",
+            columns=["Method", "Joint", *(f"Task {task}" for task in tasks), "Avg"],
+            rows=table_rows,
+        )
+        csv = out_dir / "tables" / f"{stem}.csv"
+        columns = [*HETERO_ID_COLUMNS, *(f"{metric}_{stat}" for metric in metrics for stat in STATS)]
+        with atomic_open(csv) as handle:
+            pd.DataFrame(csv_rows, columns=columns).to_csv(handle, index=False, lineterminator="\n")
+        artifacts.append(Artifact("table", dataset, path, (path, csv)))
+    return artifacts
 
 
 def summary_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
