@@ -74,3 +74,20 @@ def randomize_bn():
         return model
 
     return randomize
+
+
+@pytest.fixture
+def batches():
+    """Three fixed batches of 8×8 grey images: `batches()` starts a fresh pass."""
+    gen = torch.Generator().manual_seed(7)
+    data = [torch.randn(16, 1, 8, 8, generator=gen) * 2 + 0.5 for _ in range(3)]
+    return lambda: iter(data)
+
+
+@pytest.fixture
+def pair(make_model, randomize_bn):
+    """Two tiny VGG-11s of one architecture, different weights and BatchNorm statistics, heads A and B."""
+    spec = {"depth": 11, "width": 0.0625}
+    a = randomize_bn(make_model("vgg", spec, {"A": 3}, seed=1), 1).eval()
+    b = randomize_bn(make_model("vgg", spec, {"B": 4}, seed=2), 2).eval()
+    return a, b

@@ -16,23 +16,8 @@ SPEC = {"depth": 11, "width": 0.0625}
 
 
 @pytest.fixture
-def batches():
-    gen = torch.Generator().manual_seed(7)
-    data = [torch.randn(16, 1, 8, 8, generator=gen) * 2 + 0.5 for _ in range(3)]
-    return lambda: iter(data)
-
-
-@pytest.fixture
 def ctx(cpu, batches):
     return MergeContext(device=cpu, batches=batches)
-
-
-@pytest.fixture
-def pair(make_model, randomize_bn):
-    """Two VGGs of one architecture, different weights, heads A and B."""
-    a = randomize_bn(make_model("vgg", SPEC, {"A": 3}, seed=1), 1).eval()
-    b = randomize_bn(make_model("vgg", SPEC, {"B": 4}, seed=2), 2).eval()
-    return a, b
 
 
 def test_unknown_method_lists_the_available_ones():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -137,3 +137,8 @@ class Zip:
                 assignment[rows[:, None], torch.arange(j * size, (j + 1) * size)] = zipped
             merges.append(SpaceMerge.from_assignment(assignment, w))
         return merges
+
+
+def make_solver(kind: Literal["align", "zip"], alpha: float, beta: float) -> Solver:
+    """The solver a method's `solver` parameter names (α, β only matter for zips)."""
+    return align if kind == "align" else Zip(alpha, beta)

@@ -21,8 +21,8 @@ import torch
 
 from hetmerge.depth import align_depths, layer_cka, pad_to_depth
 from hetmerge.depth.alignment import STRATEGIES
-from hetmerge.matching import solvers
 from hetmerge.matching.dual_space import dual_space_matching
+from hetmerge.matching.solvers import make_solver
 from hetmerge.matching.transforms import SpaceMerge
 from hetmerge.merged import MergedModel
 from hetmerge.methods.base import (
@@ -31,10 +31,8 @@ from hetmerge.methods.base import (
     MergeMethod,
     MethodParams,
     register,
-    require_same_architecture,
-    require_same_structure,
 )
-from hetmerge.methods.spacewise import assemble
+from hetmerge.methods.spacewise import assemble, target_architecture
 from hetmerge.models import MultiTaskNet
 from hetmerge.statistics import collect_statistics
 
@@ -96,11 +94,7 @@ class Hetero(MergeMethod):
         except ValueError as err:
             raise MergeError(f"method 'hetero': {err}") from None
         padded = [m.to(ctx.device).eval() for m in padded]
-        if self.params.solver == "align":
-            require_same_architecture(self.name, padded)
-            like = 0
-        else:
-            like = require_same_structure(self.name, padded)
+        like = target_architecture(self.name, padded, self.params.solver)
         graphs = [m.space_graph() for m in padded]
         fixed = {name: SpaceMerge.single(deep, [g[name].width for g in graphs]) for name in single}
         activation = None
@@ -108,7 +102,7 @@ class Hetero(MergeMethod):
             wanted = [s.name for s in graphs[0].spaces if s.name not in fixed]
             stats = collect_statistics(padded, batches(), wanted)
             activation = {name: s.correlation() for name, s in stats.items()}
-        solver = solvers.align if self.params.solver == "align" else solvers.Zip(self.params.alpha, self.params.beta)
+        solver = make_solver(self.params.solver, self.params.alpha, self.params.beta)
         result = dual_space_matching(
             padded,
             activation,

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from hetmerge.matching import solvers
 from hetmerge.matching.dual_space import dual_space_matching
+from hetmerge.matching.solvers import make_solver
 from hetmerge.merged import MergedModel
 from hetmerge.methods.base import (
     MergeContext,
@@ -23,10 +23,8 @@ from hetmerge.methods.base import (
     MergeMethod,
     MethodParams,
     register,
-    require_same_architecture,
-    require_same_structure,
 )
-from hetmerge.methods.spacewise import assemble
+from hetmerge.methods.spacewise import assemble, target_architecture
 from hetmerge.models import MultiTaskNet
 
 
@@ -63,12 +61,8 @@ class MuDSC(MergeMethod):
 
     def merge_at(self, models: Sequence[MultiTaskNet], ctx: MergeContext, lam: float) -> MergedModel:
         """The merge for one λ (before the BatchNorm reset)."""
-        like = 0
-        if self.params.solver == "align":
-            require_same_architecture(self.name, models)
-        else:
-            like = require_same_structure(self.name, models)
-        solver = solvers.align if self.params.solver == "align" else solvers.Zip(self.params.alpha, self.params.beta)
+        like = target_architecture(self.name, models, self.params.solver)
+        solver = make_solver(self.params.solver, self.params.alpha, self.params.beta)
         activation = None
         if lam > 0:
             activation = {name: s.correlation() for name, s in ctx.statistics(models).items()}

@@ -9,10 +9,19 @@ from hetmerge.matching.solvers import Solver
 from hetmerge.matching.transforms import SpaceMerge, apply_merges
 from hetmerge.merged import MergedModel
 from hetmerge.methods.average import union_heads_model
-from hetmerge.methods.base import MergeError
+from hetmerge.methods.base import MergeError, require_same_architecture, require_same_structure
 from hetmerge.models import MultiTaskNet
 from hetmerge.spaces import FeatureSpace
 from hetmerge.statistics import SpaceStats
+
+
+def target_architecture(method: str, models: Sequence[MultiTaskNet], solver: str) -> int:
+    """Index of the model whose architecture the merge takes: alignment needs one architecture, a zip
+    merges different widths into the widest."""
+    if solver == "align":
+        require_same_architecture(method, models)
+        return 0
+    return require_same_structure(method, models)
 
 
 def reject_groups(method: str, models: Sequence[MultiTaskNet], instead: str) -> None:
