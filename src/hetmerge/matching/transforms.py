@@ -50,7 +50,6 @@ class SpaceMerge:
         unmerge = tuple(torch.eye(width, dtype=torch.float64)[:, p].contiguous() for p in perms)
         return cls(tuple((u.T / n).contiguous() for u in unmerge), unmerge)
 
-
     @classmethod
     def single(cls, owner: int, widths: Sequence[int]) -> SpaceMerge:
         """A space only model `owner` really has (e.g. inside identity padding): its units, as they are.
