@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from hetmerge.batchnorm import reset_batchnorm
-from hetmerge.models import build_model
+from hetmerge.models import build_from_description, build_model
 from hetmerge.params import ParameterError
 from hetmerge.spaces import permute_state, random_permutations
 from hetmerge.statistics import collect_statistics
@@ -19,6 +19,8 @@ SPECS = [
     ("mlp", {"hidden": [12], "batch_norm": False}),
     ("vgg", {"depth": 11, "width": 0.125}),
     ("vgg", {"depth": 13, "width": 0.25, "batch_norm": False}),
+    ("vgg", {"depth": 13, "width": 0.0625, "variant": "stages"}),
+    ("vgg", {"depth": 19, "width": 0.03125, "batch_norm": False, "variant": "stages"}),
     ("resnet", {"depth": 20, "width": 0.25}),
     ("resnet", {"depth": 26, "width": 0.125}),
     ("resnet", {"depth": 8, "width": 0.5, "norm": "group", "groups": 4}),
@@ -239,6 +241,73 @@ def test_resnet_depth_8_and_widths(make_model):
     assert model.feature_dim == 16  # 64 * 0.25
 
 
+@pytest.mark.parametrize("depth", [13, 19])
+@pytest.mark.parametrize(("shape", "sizes"), [((1, 28, 28), [7, 2, 1]), ((3, 32, 32), [8, 2, 1])])
+def test_vgg_stages_layout(depth, shape, sizes, make_model):
+    """The heterogeneous-merging VGG: 3 stages of 4 (13) or 6 (19) convs, 128/256/512 × width, pools 4/4/2."""
+    model = make_model("vgg", {"depth": depth, "width": 0.0625, "variant": "stages"}, HEADS, shape)
+    n = {13: 4, 19: 6}[depth]
+    convs = [f"conv{k}" for k in range(3 * n)]
+    assert list(model.body._modules) == [
+        *convs[:n],
+        "pool0",
+        *convs[n : 2 * n],
+        "pool1",
+        *convs[2 * n :],
+        "pool2",
+        "gap",
+    ]
+    assert model.depth_stages() == [convs[:n], convs[n : 2 * n], convs[2 * n :]]
+    assert [model.body.get_submodule(c).conv.out_channels for c in convs] == [8] * n + [16] * n + [32] * n
+    assert all(isinstance(model.body.get_submodule(c).norm, nn.BatchNorm2d) for c in convs)
+    pools = [model.body.get_submodule(f"pool{k}") for k in range(3)]
+    assert [(p.kernel_size, p.stride, p.ceil_mode) for p in pools] == [(4, 4, True), (4, 4, True), (2, 2, True)]
+    x = torch.randn(2, *shape)
+    for k, size in enumerate(sizes):
+        cut = list(model.body._modules).index(f"pool{k}") + 1
+        assert model.run_body(x, 0, cut).shape == (2, [8, 16, 32][k], size, size)
+    assert model.feature_dim == 32
+    assert model.describe()["spec"] == {"depth": depth, "width": 0.0625, "batch_norm": True, "variant": "stages"}
+    again = build_from_description(model.describe())
+    assert again.spec == model.spec
+    assert [(k, v.shape) for k, v in again.state_dict().items()] == [
+        (k, v.shape) for k, v in model.state_dict().items()
+    ]
+
+
+def test_vgg_standard_is_unchanged(make_model):
+    """The default variant keeps its layout, tensor names and description (training fingerprints hash it)."""
+    model = make_model("vgg", {"depth": 11, "width": 0.125}, HEADS, (3, 32, 32))
+    explicit = make_model("vgg", {"depth": 11, "width": 0.125, "variant": "standard"}, HEADS, (3, 32, 32))
+    assert list(model.body._modules) == [
+        "conv0", "pool0", "conv1", "pool1", "conv2", "conv3", "pool2", "conv4", "conv5", "pool3", "conv6", "conv7",
+        "pool4", "gap",
+    ]  # fmt: skip
+    assert list(model.state_dict())[:6] == [
+        "body.conv0.conv.weight",
+        "body.conv0.norm.weight",
+        "body.conv0.norm.bias",
+        "body.conv0.norm.running_mean",
+        "body.conv0.norm.running_var",
+        "body.conv0.norm.num_batches_tracked",
+    ]
+    assert all(torch.equal(v, explicit.state_dict()[k]) for k, v in model.state_dict().items())
+    assert model.describe() == explicit.describe()
+    assert model.describe()["spec"] == {"depth": 11, "width": 0.125, "batch_norm": True}
+    assert model.depth_stages() == [["conv0"], ["conv1"], ["conv2", "conv3"], ["conv4", "conv5"], ["conv6", "conv7"]]
+
+
+def test_resnet_depth_stages(make_model):
+    model = make_model("resnet", {"depth": 14, "width": 0.25}, HEADS)
+    assert model.depth_stages() == [["s1b0", "s1b1"], ["s2b0", "s2b1"], ["s3b0", "s3b1"]]
+
+
+@pytest.mark.parametrize(("family", "spec"), [("mlp", {"hidden": [8]}), ("vit", VIT)])
+def test_depth_stages_name_the_family_without_them(family, spec, make_model):
+    with pytest.raises(NotImplementedError, match=f"'{family}'"):
+        make_model(family, spec, HEADS).depth_stages()
+
+
 def test_unknown_family_names_it():
     with pytest.raises(ValueError, match=r"'resnext'.*known.*'mlp'"):
         build_model("resnext", {}, (1, 8, 8), HEADS)
@@ -258,6 +327,7 @@ def test_unknown_family_is_a_parameter_error():
         ("mlp", {"hidden": [16.5]}, "hidden"),
         ("mlp", {"batch_norm": "yes"}, "batch_norm"),
         ("vgg", {"depth": 12}, "depth"),
+        ("vgg", {"depth": 13, "variant": "deep"}, "variant"),
         ("resnet", {"width": "half"}, "width"),
         ("resnet", {"depth": 20.0}, "depth"),
     ],
@@ -280,6 +350,8 @@ def test_bad_spec_names_the_key(family, spec, key):
         ("vit", {"width": 10, "heads": 4, "patch": 4}, "'width'.*'heads'"),
         ("vit", {"patch": 3}, "'patch'"),
         ("vit", {"patch": 4, "depth": 0}, "'depth'"),
+        ("vgg", {"depth": 11, "variant": "stages"}, "'stages'.*13 or 19"),
+        ("vgg", {"depth": 16, "variant": "stages"}, "'stages'.*13 or 19"),
     ],
 )
 def test_invalid_spec_values(family, spec, match):

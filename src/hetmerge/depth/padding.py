@@ -51,9 +51,7 @@ def _padded_spec(shallow: MultiTaskNet, deep: MultiTaskNet) -> object:
         )
     names = [f.name for f in dataclasses.fields(deep.spec)]
     differing = [
-        n
-        for n in names
-        if n != "depth" and n not in WIDTH_FIELDS and getattr(deep.spec, n) != getattr(shallow.spec, n)
+        n for n in names if n != "depth" and n not in WIDTH_FIELDS and getattr(deep.spec, n) != getattr(shallow.spec, n)
     ]
     if differing:
         details = ", ".join(f"{n}: {getattr(deep.spec, n)!r} vs {getattr(shallow.spec, n)!r}" for n in differing)
@@ -166,9 +164,9 @@ def pad_to_depth(
     """
     if isinstance(positions, DepthAlignment):
         positions = positions.positions
-    spec = _padded_spec(shallow, deep)
     deep_stages = _depth_stages(deep, "deep")
     shallow_stages = _depth_stages(shallow, "shallow")
+    spec = _padded_spec(shallow, deep)
     checked = _check_positions(positions, deep_stages, shallow_stages)
 
     heads = {task: head.out_features for task, head in shallow.heads.items()}
