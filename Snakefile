@@ -15,6 +15,10 @@ if not workflow.overwrite_configfiles:
 validate(config, "config/schema.yaml", set_default=True)
 
 
+# `snakemake --report results/report.html`: this text opens the report; captions: REPORT_SHOWN in rules/common.smk.
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"

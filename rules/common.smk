@@ -163,30 +163,86 @@ def landscape_merges(wc):
     return {m: f"{RESULTS}/merges/{DATASET}/s{wc.seed}/{wc.experiment}/{m}.safetensors" for m in rows}
 
 
-def report_outputs():
-    """Every file the report writes (its builders and this list must agree; a test runs both)."""
+REPORT_SHOWN = {
+    # How `snakemake --report` shows each (kind, extension) of report_items(): category, subcategory and caption
+    # (report/<name>.rst). Others (main.tex, PDFs, LaTeX tables) are outputs only: a browser cannot show them;
+    # every table has an HTML twin instead.
+    ("summary_table", "html"): ("Tables", "Summary", "summary_table.rst"),
+    ("accuracy_table", "html"): ("Tables", "Accuracy", "accuracy_table.rst"),
+    ("mudsc_table", "html"): ("Tables", "MuDSC", "mudsc_table.rst"),
+    ("hetero_table", "html"): ("Tables", "Heterogeneous merging", "hetero_table.rst"),
+    ("joint_accuracy", "png"): ("Figures", "Joint accuracy", "joint_accuracy.rst"),
+    ("partial_zip", "png"): ("Figures", "Partial zip", "partial_zip.rst"),
+    ("lambda", "png"): ("Figures", "λ sweep", "lambda.rst"),
+    ("landscape", "png"): ("Figures", "Loss landscape", "landscape.rst"),
+    ("alignment", "png"): ("Figures", "Depth alignment", "alignment.rst"),
+    ("results", "csv"): ("Data", "Results", "results_csv.rst"),
+    ("hetero_table", "csv"): ("Data", "Heterogeneous merging", "hetero_csv.rst"),
+    ("lambda", "csv"): ("Data", "λ sweep", "lambda_csv.rst"),
+    ("provenance", "csv"): ("Data", "Provenance", "provenance.rst"),
+    ("provenance", "html"): ("Provenance", "Evaluation records", "provenance.rst"),
+}
+
+
+def report_items():
+    """Every file the report writes, as (path, kind, owner), main.tex first; owner is the experiment (a hetero
+    table's: its group) or None for files about the whole dataset. Its builders and this list must agree (a test
+    runs both)."""
     paper = f"{RESULTS}/paper"
-    outputs = [f"{paper}/main.tex", f"{paper}/results.csv", f"{paper}/tables/summary_{DATASET}.tex"]
+    items = [(f"{paper}/main.tex", "main", None), (f"{paper}/results.csv", "results", None)]
+    items += [(f"{paper}/provenance.{ext}", "provenance", None) for ext in ("csv", "html")]
+    items += [(f"{paper}/tables/summary_{DATASET}.{ext}", "summary_table", None) for ext in ("tex", "html")]
     groups = []
     for exp, entry in config["experiments"].items():
         if entry["table"] == "hetero":
             groups += [g for g in [entry.get("group", exp)] if g not in groups]
         else:
             table = "mudsc" if entry["table"] == "mudsc" else "accuracy"
-            outputs.append(f"{paper}/tables/{table}_{DATASET}_{exp}.tex")
-    outputs += [f"{paper}/tables/hetero_{DATASET}_{g}.{ext}" for g in groups for ext in ("tex", "csv")]
-    outputs += [f"{paper}/figures/joint_accuracy_{DATASET}.{ext}" for ext in ("pdf", "png")]
+            stem = f"{paper}/tables/{table}_{DATASET}_{exp}"
+            items += [(f"{stem}.{ext}", f"{table}_table", exp) for ext in ("tex", "html")]
+    for g in groups:
+        items += [(f"{paper}/tables/hetero_{DATASET}_{g}.{ext}", "hetero_table", g) for ext in ("tex", "html", "csv")]
+    items += [(f"{paper}/figures/joint_accuracy_{DATASET}.{ext}", "joint_accuracy", None) for ext in ("pdf", "png")]
     for exp, entry in config["experiments"].items():
         rows = [config["methods"][m] for m in entry["methods"]]
+        figures = []
         if any(r["method"] == "zipit" and "stop_after" in r["params"] for r in rows):
-            outputs += [f"{paper}/figures/partial_zip_{DATASET}_{exp}.{ext}" for ext in ("pdf", "png")]
+            figures += [("partial_zip", ("pdf", "png"))]
         if entry["lambda_sweep"]:
-            outputs += [f"{paper}/figures/lambda_{DATASET}_{exp}.{ext}" for ext in ("pdf", "png", "csv")]
+            figures += [("lambda", ("pdf", "png", "csv"))]
         if entry.get("landscape"):
-            outputs += [f"{paper}/figures/landscape_{DATASET}_{exp}.{ext}" for ext in ("pdf", "png")]
+            figures += [("landscape", ("pdf", "png"))]
         if any(r["method"] == "hetero" for r in rows):
-            outputs += [f"{paper}/figures/alignment_{DATASET}_{exp}.{ext}" for ext in ("pdf", "png")]
-    return outputs
+            figures += [("alignment", ("pdf", "png"))]
+        for kind, exts in figures:
+            items += [(f"{paper}/figures/{kind}_{DATASET}_{exp}.{ext}", kind, exp) for ext in exts]
+    return items
+
+
+def report_outputs():
+    """Every file the report writes, main.tex first (plain paths: the targets of `all`)."""
+    return [path for path, _, _ in report_items()]
+
+
+def report_output(path, kind, owner):
+    """`path` as an output of the report rule: marked for `snakemake --report` as REPORT_SHOWN says, with labels
+    that tell apart the files of one subcategory (the experiment, or the hetero group and its experiments). The
+    caption path is relative to rules/, where the report rule is defined."""
+    shown = REPORT_SHOWN.get((kind, path.rsplit(".", 1)[-1]))
+    if shown is None:
+        return path
+    category, subcategory, caption = shown
+    if owner is None:
+        labels = {"dataset": DATASET}
+    elif kind == "hetero_table":
+        hetero = {e: entry for e, entry in config["experiments"].items() if entry["table"] == "hetero"}
+        members = [e for e, entry in hetero.items() if entry.get("group", e) == owner]
+        labels = {"group": owner, "experiments": "; ".join(experiment_label(e) for e in members)}
+    else:
+        labels = {"experiment": owner, "models": experiment_label(owner)}
+    # Snakemake fills {name} in label values as a wildcard; configured labels are text, never wildcards.
+    labels = {key: value.replace("{", "(").replace("}", ")") for key, value in labels.items()}
+    return report(path, caption=f"../report/{caption}", category=category, subcategory=subcategory, labels=labels)
 
 
 def method_order():

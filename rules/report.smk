@@ -1,11 +1,12 @@
 rule report:
-    """LaTeX tables (Jinja2), matplotlib figures and a main.tex that includes them."""
+    """LaTeX tables (Jinja2) with HTML twins, matplotlib figures, results.csv, the provenance table and a main.tex
+    that includes the tables and figures. `snakemake --report` shows the files marked in REPORT_SHOWN."""
     input:
         results=all_eval_paths(),
         analysis=all_analysis_paths(),
     output:
         main=report_outputs()[0],
-        rest=report_outputs()[1:],
+        rest=[report_output(*item) for item in report_items()[1:]],
     params:
         out_dir=lambda wc, output: os.path.dirname(output.main),
         title=config["report"]["title"],

@@ -5,6 +5,7 @@ Every run happens in a copy of Snakefile, rules/ and config/ under a temporary d
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,7 @@ def workdir(root: Path) -> Path:
     shutil.copytree(REPO / "rules", root / "rules")
     shutil.copytree(REPO / "config", root / "config")
     shutil.copytree(REPO / "envs", root / "envs")
+    shutil.copytree(REPO / "report", root / "report")
     return root
 
 
@@ -160,6 +163,103 @@ def test_second_run_is_a_no_op(completed):
     code, out = snakemake(completed, "all")
     assert code == 0, out
     assert "Nothing to be done" in out
+
+
+# What `snakemake --report` shows for the tiny config: category -> subcategory -> files (under results/paper/).
+REPORTED = {
+    "Tables": {
+        "Summary": ["tables/summary_digits.html"],
+        "Accuracy": ["tables/accuracy_digits_mlp.html", "tables/accuracy_digits_vgg.html"],
+        "MuDSC": ["tables/mudsc_digits_mlp_mudsc.html"],
+        "Heterogeneous merging": ["tables/hetero_digits_depth.html"],
+    },
+    "Figures": {
+        "Joint accuracy": ["figures/joint_accuracy_digits.png"],
+        "λ sweep": ["figures/lambda_digits_mlp_mudsc.png"],
+        "Loss landscape": ["figures/landscape_digits_mlp_mudsc.png"],
+        "Depth alignment": ["figures/alignment_digits_depth.png"],
+    },
+    "Data": {
+        "Results": ["results.csv"],
+        "Heterogeneous merging": ["tables/hetero_digits_depth.csv"],
+        "λ sweep": ["figures/lambda_digits_mlp_mudsc.csv"],
+        "Provenance": ["provenance.csv"],
+    },
+    "Provenance": {"Evaluation records": ["provenance.html"]},
+}
+
+
+def report_variable(page: str, name: str, script: str):
+    """A JSON variable that Snakemake's HTML report defines in its own <script id=...> element."""
+    match = re.search(rf'<script id="{script}">\s*var {name} = (.*?);\s*</script>', page, flags=re.S)
+    assert match, f"no {name} in the report"
+    return json.loads(match.group(1))
+
+
+def embedded(result: dict) -> bytes:
+    """The bytes of a file that the report embeds as a base64 data URI."""
+    assert result["data_uri"].startswith(f"data:{result['mime_type']};"), result["data_uri"][:80]
+    return base64.b64decode(result["data_uri"].split(";base64,", 1)[1])
+
+
+def test_html_report_shows_every_table_figure_and_provenance(completed):
+    code, out = snakemake(completed, "--report", "report.html")
+    assert code == 0, out
+    assert "Report created" in out
+    # One self-contained file: nothing written next to it, nothing loaded from elsewhere.
+    assert sorted(p.name for p in completed.iterdir() if p.name.startswith("report")) == ["report", "report.html"]
+    page = (completed / "report.html").read_text()
+    assert not re.search(r"<(script|link)\b[^>]*\b(src|href)=", page)  # scripts and styles inline; results below
+
+    paper = completed / "results" / "paper"
+    categories = report_variable(page, "categories", "categories")
+    expected = {
+        category: {sub: [f"results/paper/{name}" for name in names] for sub, names in subs.items()}
+        for category, subs in REPORTED.items()
+    }
+    assert {c: {s: sorted(f) for s, f in subs.items()} for c, subs in categories.items()} == expected
+    # Exactly what a reader wants of the report rule's outputs: every HTML table, PNG figure and CSV file.
+    wanted = {
+        f"results/paper/{p.relative_to(paper)}" for p in paper.rglob("*") if p.suffix in (".html", ".png", ".csv")
+    }
+    results = report_variable(page, "results", "results")
+    assert set(results) == wanted and len(wanted) == 14
+
+    captions = {Path(path).name: " ".join(result["caption"].split()) for path, result in results.items()}
+    for path, result in results.items():
+        assert embedded(result) == (completed / path).read_bytes(), path
+        assert result["labels"], path
+        caption = captions[Path(path).name]
+        assert "digits" in caption and "{{" not in caption and "system-message" not in caption, (path, caption)
+    labels = {Path(path).name: result["labels"] for path, result in results.items()}
+    assert labels["accuracy_digits_vgg.html"] == {"experiment": "vgg", "models": "VGG-11 (x1/16)"}
+    assert labels["hetero_digits_depth.html"] == {"group": "depth", "experiments": "ResNet-14 (x1/4) + ResNet-8 (x1/4)"}
+    assert labels["results.csv"] == {"dataset": "digits"}
+    assert "split seeds 0, 1." in captions["accuracy_digits_mlp.html"]  # captions fill in the config
+    assert "λ = 0.0, 0.25, 0.75, 1.0." in captions["lambda_digits_mlp_mudsc.png"]
+
+    description = report_variable(page, "workflow_desc", "workflow-desc")
+    assert "hetmerge: tiny digits test" in description and "mlp_mudsc" in description
+    assert "landscape_per_task" in description and "eval_batch_size" in description  # the whole configuration
+
+    table = embedded(results["results/paper/tables/accuracy_digits_mlp.html"]).decode()
+    assert '<caption><b class="name">Table.</b> digits, MLP: accuracy (%), mean ± std over 2 model pairs.' in table
+    for label in ("Model A", "Model B", "Ensemble", "W.Avg", "ZipIt!"):
+        assert f"<td>{label}</td>" in table, label
+    assert table.count("<strong>") == 1 and " ± " in table
+
+    provenance = embedded(results["results/paper/provenance.html"]).decode()
+    records = [
+        rec for path in sorted((completed / "results" / "eval").rglob("*.json")) for rec in json.loads(path.read_text())
+    ]
+    assert f"<code>{metadata.version('torch')}</code> ({ROWS} records)" in provenance
+    assert {rec["split_seed"] for rec in records} == {0, 1} and all(rec["split_seed"] == rec["pair"] for rec in records)
+    assert all(rec["source"]["seed"] >= 0 for rec in records if rec["kind"] == "base")
+    commits = {rec["provenance"]["git"]["commit"] for rec in records}
+    assert len(commits) == 1
+    if None not in commits:  # a checkout of hetmerge ran the jobs
+        assert commits.pop() in provenance
+    assert "<code>cpu</code>" in provenance
 
 
 def test_method_parameter_change_reruns_only_that_method(completed):

@@ -1,10 +1,13 @@
-"""Tests for hetmerge.report: aggregation numbers, table contents, determinism and LaTeX compilation."""
+"""Tests for hetmerge.report: aggregation numbers, table contents (LaTeX and HTML), provenance, determinism and
+LaTeX compilation."""
 
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +33,15 @@ from hetmerge.report.figures import (
     alignment_curves,
     global_positions,
 )
-from hetmerge.report.latex import HETERO_ID_COLUMNS, LATEX_PACKAGES, format_accuracy, format_lams, humanize_count
+from hetmerge.report.latex import (
+    HETERO_ID_COLUMNS,
+    LATEX_PACKAGES,
+    format_accuracy,
+    format_lams,
+    humanize_count,
+    latex_to_html,
+)
+from hetmerge.report.provenance import PROVENANCE_COLUMNS
 
 METHODS = {
     "base_a": ("Model A", "base"),
@@ -427,21 +438,29 @@ def test_single_pair_table_has_no_std(tmp_path: Path) -> None:
 
 def test_build_report_files_and_main_tex(report: tuple[Path, list[Path]]) -> None:
     out_dir, written = report
-    expected = {
-        "results.csv",
-        "main.tex",
+    in_main = {
         "tables/accuracy_fashion_mnist_resnet.tex",
         "tables/accuracy_fashion_mnist_vgg.tex",
         "tables/summary_fashion_mnist.tex",
         "figures/joint_accuracy_fashion_mnist.pdf",
+    }
+    expected = in_main | {
+        "results.csv",
+        "provenance.csv",
+        "provenance.html",
+        "main.tex",
+        "tables/accuracy_fashion_mnist_resnet.html",
+        "tables/accuracy_fashion_mnist_vgg.html",
+        "tables/summary_fashion_mnist.html",
         "figures/joint_accuracy_fashion_mnist.png",
     }
     assert {path.relative_to(out_dir).as_posix() for path in written} == expected
     assert all(path.stat().st_size > 0 for path in written)
     main = (out_dir / "main.tex").read_text()
     assert "\\title{Results \\& more}" in main and "\\section{fashion\\_mnist}" in main
-    for name in expected - {"results.csv", "main.tex", "figures/joint_accuracy_fashion_mnist.png"}:
+    for name in in_main:
         assert f"{{{name}}}" in main
+    assert ".html" not in main and "provenance" not in main  # the HTML twins are for the HTML report only
     assert "\\includegraphics{figures/joint_accuracy_fashion_mnist.pdf}" in main
     pdf = (out_dir / "figures" / "joint_accuracy_fashion_mnist.pdf").read_bytes()
     assert b"/FontFile2" in pdf and b"/Type3" not in pdf  # TrueType (fonttype 42), as venues require
@@ -655,12 +674,18 @@ def test_hetero_layout_replaces_only_the_accuracy_table(hetero_report: tuple[Pat
     out_dir, written = hetero_report
     names = {path.relative_to(out_dir).as_posix() for path in written}
     assert {name for name in names if name.startswith("tables/")} == {
-        "tables/summary_fashion_mnist.tex",
-        "tables/accuracy_fashion_mnist_resnet.tex",
-        "tables/accuracy_fashion_mnist_vgg.tex",
-        "tables/hetero_fashion_mnist_vgg_depth.tex",
+        *(
+            f"tables/{stem}.{ext}"
+            for stem in (
+                "summary_fashion_mnist",
+                "accuracy_fashion_mnist_resnet",
+                "accuracy_fashion_mnist_vgg",
+                "hetero_fashion_mnist_vgg_depth",
+                "hetero_fashion_mnist_vgg13_solo",
+            )
+            for ext in ("tex", "html")
+        ),
         "tables/hetero_fashion_mnist_vgg_depth.csv",
-        "tables/hetero_fashion_mnist_vgg13_solo.tex",
         "tables/hetero_fashion_mnist_vgg13_solo.csv",
     }
     # An experiment without a group gets a table of its own, from a single pair.
@@ -785,6 +810,192 @@ def test_hetero_report_is_byte_identical_on_rerun(hetero_report: tuple[Path, lis
     again = build_report(RECORDS + HETERO_RECORDS, out_dir, title="Hetero", method_order=HETERO_ORDER)
     assert again == written
     assert {path: path.read_bytes() for path in again} == before
+
+
+def test_latex_to_html_inverts_latex_escape() -> None:
+    text = r"W.Avg & co_{13/20}: 50% $x$ #1 a~b^c \d λ α β ⊕ × − <b>"
+    assert latex_to_html(latex_escape(text)) == html.escape(text, quote=False)
+    assert latex_to_html(r"\textbf{72.0 $\pm$ 2.8} \& --") == "<strong>72.0 ± 2.8</strong> &amp; –"
+    assert latex_to_html(r"\textit{VGG19 $\oplus$ VGG13}: 2--3 pairs (\%)") == "<em>VGG19 ⊕ VGG13</em>: 2–3 pairs (%)"
+    # Anything else would show the reader raw LaTeX: refused.
+    for latex in (r"\emph{x}", "$x$", r"\textbf{x", "a}b", "{x}", "50%", "a_b"):
+        with pytest.raises(ValueError, match=r"LaTeX|unbalanced"):
+            latex_to_html(latex)
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """Rows of a table.tex.j2 or table.html.j2 output as cell lists (block titles as one cell), in order;
+    LaTeX cells converted with latex_to_html, so that both read the same where they agree."""
+    if text.startswith("<!DOCTYPE html>"):
+        rows = re.findall(r"<tr[^>]*>(.*?)</tr>", text)
+        return [re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row) for row in rows]
+    lines = [line.strip() for line in text.splitlines() if line.strip().endswith("\\\\")]
+    rows = []
+    for line in lines:
+        block = re.fullmatch(r"\\multicolumn\{\d+\}\{@\{\}l\}\{\\textit\{(.*)\}\} \\\\", line)
+        cells = [block.group(1)] if block else line.removesuffix("\\\\").strip().split(" & ")
+        rows.append([latex_to_html(cell) for cell in cells])
+    return rows
+
+
+@pytest.mark.parametrize("fixture", ["report", "mudsc_report", "hetero_report"])
+def test_html_tables_have_the_latex_tables_cells(fixture: str, request: pytest.FixtureRequest) -> None:
+    _, written = request.getfixturevalue(fixture)
+    tex_tables = [path for path in written if path.parent.name == "tables" and path.suffix == ".tex"]
+    assert tex_tables
+    for tex in tex_tables:
+        page = tex.with_suffix(".html")
+        assert page in written
+        latex, text = tex.read_text(), page.read_text(encoding="utf-8")
+        assert table_rows(text) == table_rows(latex), tex.name
+        caption = re.search(r"\\caption\{(.*)\}\n", latex).group(1)
+        assert f'<caption><b class="name">Table.</b> {latex_to_html(caption)}</caption>' in text
+        assert latex.count("\\textbf") == text.count("<strong>")
+        # Rules between row kinds and blocks: every \midrule but the one under the header.
+        assert latex.count("\\midrule") - 1 == len(re.findall(r'<tr class="[^"]*\brule\b', text))
+        label = re.search(r"\\label\{(.*)\}", latex).group(1)
+        assert f'<table id="{label}">' in text
+
+
+def test_html_table_is_a_standalone_page(report: tuple[Path, list[Path]]) -> None:
+    out_dir, _ = report
+    text = (out_dir / "tables" / "accuracy_fashion_mnist_resnet.html").read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in text
+    assert not re.search(r"<script|<link|\b(src|href)=|https?:", text)  # nothing to load, nothing to run
+    assert "accuracy (%), mean ± std over 2 model pairs. Best merged joint accuracy in bold.</caption>" in text
+    assert (
+        "<tr><th>Method</th><th>Params</th><th>FLOPs</th><th>Joint</th><th>Task A</th><th>Task B</th><th>Avg</th>"
+        in text
+    )
+    assert (
+        '<tr class="rule"><td>Model A</td><td>0.27M</td><td>41M</td><td>55.0 ± 7.1</td><td>91.0 ± 1.4</td>'
+        "<td>–</td><td>91.0 ± 1.4</td></tr>"
+    ) in text
+    assert "<td>ZipIt!_{13/20}</td><td>0.27M</td><td>41M</td><td><strong>72.0 ± 2.8</strong></td>" in text
+    assert '<tr class="rule"><td>W.Avg &amp; co</td>' in text  # labels escaped; a rule where the kind changes
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def with_provenance(
+    item: dict[str, Any], *, seed: int | None = None, commit: str = COMMIT, dirty: bool = False, config: Any = None
+) -> dict[str, Any]:
+    """`item` with what `hetmerge evaluate` records: split seed, the model's own seed, provenance, config slice."""
+    source = {**item.get("source", {}), **({} if seed is None else {"seed": seed})}
+    return {
+        **item,
+        "split_seed": item["pair"],
+        "source": source,
+        "config": config if config is not None else {"architecture": item["arch"]},
+        "provenance": {
+            "git": {"commit": commit, "dirty": dirty},
+            "packages": {"hetmerge": "0.1.0", "torch": "2.3.1", "numpy": "2.0.0"},
+            "python": "3.11.7",
+            "cuda": None,
+            "device": "cuda:0 (NVIDIA H100)" if item["pair"] else "cpu",
+        },
+    }
+
+
+ZIPIT = {"label": "ZipIt!_{13/20}", "method": "zipit", "params": {"alpha": 0.5, "beta": 1}}
+PROVENANCE_RECORDS = [
+    with_provenance(record("base_a", 1, 0.6, 0.9, None), seed=1100),
+    with_provenance(record("zipit", 0, 0.7), config=ZIPIT, commit="f" * 40, dirty=True),
+    {k: v for k, v in record("weight_avg", 1, 0.4).items() if k != "provenance"},  # an older record: none at all
+    with_provenance(record("base_a", 0, 0.5, 0.9, None), seed=100),
+    with_provenance(record("zipit", 1, 0.7), seed=7, config=ZIPIT),
+]
+
+
+def test_provenance_csv(tmp_path: Path) -> None:
+    written = build_report(PROVENANCE_RECORDS, tmp_path, title="t", method_order=["base_a", "zipit"])
+    assert {tmp_path / "provenance.csv", tmp_path / "provenance.html"} <= set(written)
+    with open(tmp_path / "provenance.csv", newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert tuple(reader.fieldnames or ()) == PROVENANCE_COLUMNS
+    # One row per record: by experiment, model pair, then method order.
+    assert [(row["pair"], row["method"]) for row in rows] == [
+        ("0", "base_a"),
+        ("0", "zipit"),
+        ("1", "base_a"),
+        ("1", "zipit"),
+        ("1", "weight_avg"),
+    ]
+    base = rows[0]
+    assert base == {
+        "dataset": "fashion_mnist",
+        "experiment": "resnet",
+        "method": "base_a",
+        "label": "Model A",
+        "pair": "0",
+        "split_seed": "0",
+        "seed": "100",
+        "device": "cpu",
+        "git_commit": COMMIT,
+        "git_dirty": "false",
+        "hetmerge": "0.1.0",
+        "torch": "2.3.1",
+        "python": "3.11.7",
+        "cuda": "",
+        "config": '{"architecture":"resnet"}',
+    }
+    assert rows[1]["git_commit"] == "f" * 40 and rows[1]["git_dirty"] == "true" and rows[1]["seed"] == ""
+    assert json.loads(rows[1]["config"]) == ZIPIT and rows[1]["config"] == json.dumps(ZIPIT, separators=(",", ":"))
+    assert rows[2]["device"] == "cuda:0 (NVIDIA H100)" and rows[3]["seed"] == "7"
+    # A record without provenance, split seed or config slice still gets its row, with those fields empty.
+    assert {k: v for k, v in rows[4].items() if v} == {
+        "dataset": "fashion_mnist",
+        "experiment": "resnet",
+        "method": "weight_avg",
+        "label": "W.Avg & co",
+        "pair": "1",
+    }
+
+
+def test_provenance_html(tmp_path: Path) -> None:
+    build_report(PROVENANCE_RECORDS, tmp_path, title="t", method_order=["base_a", "zipit"])
+    text = (tmp_path / "provenance.html").read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and not re.search(r"<script|<link|\b(src|href)=|https?:", text)
+    assert "of the 5 evaluation records" in text
+    # The distinct values first, most common first: one code version would read as a single value each.
+    assert (
+        f"<dt>Git commit</dt>\n<dd><code>{COMMIT}</code> (3 records); <code>{'f' * 40} (uncommitted changes)</code> "
+        "(1 record); <code>–</code> (1 record)</dd>"
+    ) in text
+    assert "<dt>torch</dt>\n<dd><code>2.3.1</code> (4 records); <code>–</code> (1 record)</dd>" in text
+    assert "<dt>CUDA</dt>\n<dd><code>–</code> (5 records)</dd>" in text
+    rows = [re.split(r"</td><td[^>]*>", row) for row in re.findall(r"<tr><td>(.*?)</td></tr>", text)]
+    assert [row[:4] for row in rows] == [
+        ["fashion_mnist", "resnet", "base_a", "0"],
+        ["fashion_mnist", "resnet", "zipit", "0"],
+        ["fashion_mnist", "resnet", "base_a", "1"],
+        ["fashion_mnist", "resnet", "zipit", "1"],
+        ["fashion_mnist", "resnet", "weight_avg", "1"],
+    ]
+    assert rows[0][4:] == [
+        "0",
+        "100",
+        "cpu",
+        f"<code>{COMMIT[:12]}</code>",
+        "0.1.0",
+        "2.3.1",
+        "<code>{&#34;architecture&#34;:&#34;resnet&#34;}</code>",
+    ]
+    assert rows[1][7] == f"<code>{'f' * 12}+</code>"  # + marks uncommitted changes
+    assert html.unescape(rows[1][10]) == f"<code>{json.dumps(ZIPIT, separators=(',', ':'))}</code>"
+    assert rows[4][4:] == ["–", "–", "–", "<code>–</code>", "–", "–", "<code>–</code>"]
+
+
+def test_provenance_is_byte_stable(tmp_path: Path) -> None:
+    files = ("provenance.csv", "provenance.html")
+    build_report(PROVENANCE_RECORDS, tmp_path / "a", title="t", method_order=["base_a", "zipit"])
+    before = {name: (tmp_path / "a" / name).read_bytes() for name in files}
+    build_report(PROVENANCE_RECORDS, tmp_path / "a", title="t", method_order=["base_a", "zipit"])
+    build_report(PROVENANCE_RECORDS[::-1], tmp_path / "b", title="t", method_order=["base_a", "zipit"])
+    for out in ("a", "b"):
+        assert {name: (tmp_path / out / name).read_bytes() for name in files} == before, out
 
 
 @pytest.mark.slow

@@ -149,6 +149,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
         "method": args.method,
         "params": as_dict(method.params),
         "notes": ctx.notes,
+        "seed": args.seed,
         "cut": merged.cut if len(merged.branches) else None,
         "units": len(models[0].body),
         "sources": [str(p) for p in args.models],

@@ -1,4 +1,5 @@
-"""Paper-ready report of evaluation results: LaTeX tables, figures, results.csv and a main.tex.
+"""Paper-ready report of evaluation results: LaTeX tables (each with an HTML twin), figures, results.csv, a
+provenance table (CSV and HTML) and a main.tex.
 
 Deliberately free of torch, so the report job starts fast.
 """

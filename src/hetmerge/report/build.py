@@ -1,4 +1,5 @@
-"""Assemble a report: run every registered table/figure builder, then write results.csv and main.tex.
+"""Assemble a report: run every registered table/figure builder, then write results.csv, the provenance table
+and main.tex.
 
 To add a table or figure, write a function `(ReportData, out_dir) -> list[Artifact]` and add it to
 BUILDERS; main.tex places whatever the builders return, in registry order, under each section.
@@ -20,6 +21,7 @@ from hetmerge.report.figures import (
     partial_zip_figures,
 )
 from hetmerge.report.latex import Artifact, accuracy_tables, hetero_tables, mudsc_tables, render_to, summary_tables
+from hetmerge.report.provenance import provenance_files
 
 Builder = Callable[[ReportData, Path], list[Artifact]]
 
@@ -47,7 +49,8 @@ def build_report(
     method_order: Sequence[str] = (),
     analysis: Sequence[Mapping[str, Any]] = (),
 ) -> list[Path]:
-    """Write tables, figures, results.csv and main.tex under `out_dir`; return the written paths.
+    """Write tables, figures, results.csv, provenance.{csv,html} and main.tex under `out_dir`; return the
+    written paths.
 
     `analysis` holds records that are not one evaluated model (λ sweeps, loss landscapes), told apart by
     their `kind`. Output depends only on the arguments (no timestamps, sorted iteration), so rerunning on
@@ -69,6 +72,7 @@ def build_report(
     csv = out_dir / "results.csv"
     with atomic_open(csv) as handle:
         data.frame.to_csv(handle, index=False, lineterminator="\n")
+    provenance = provenance_files(data, out_dir)
 
     sections: dict[str, list[dict[str, str]]] = {}
     for artifact in artifacts:
@@ -81,4 +85,4 @@ def build_report(
             }
         )
     main_tex = render_to(out_dir / "main.tex", "main.tex.j2", title=title, sections=sections)
-    return [*written, csv, main_tex]
+    return [*written, csv, *provenance, main_tex]

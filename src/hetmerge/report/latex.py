@@ -1,10 +1,12 @@
 """LaTeX output: the Jinja2 environment, number formatting, the table builders and the compiler call.
 
-Tables are written as self-contained `table` floats so that a paper can `\\input` them unchanged.
+Tables are written as self-contained `table` floats so that a paper can `\\input` them unchanged, each with
+an HTML twin (same caption and cells) for the HTML report.
 """
 
 from __future__ import annotations
 
+import html
 import math
 import re
 import shutil
@@ -18,9 +20,11 @@ from typing import Any, Literal
 
 import jinja2
 import pandas as pd
+from markupsafe import Markup
 
 from hetmerge.atomic import atomic_open, atomic_path
 from hetmerge.report.aggregate import STATS, ReportData, groups, layouts, methods_in, task_metric, tasks_in
+from hetmerge.report.html import render_html
 
 LATEX_PACKAGES = "texlive-latex-base texlive-latex-recommended texlive-latex-extra latexmk"
 """Debian packages that provide everything main.tex needs."""
@@ -46,6 +50,19 @@ _ESCAPES = {
     "−": r"$-$",
 }
 _ESCAPE_PATTERN = re.compile("|".join(map(re.escape, _ESCAPES)))
+# The LaTeX that tables and captions contain, as text: each escape's character, plus what formatting adds.
+_TEXT_OF = {
+    **{escaped: char for char, escaped in _ESCAPES.items()},
+    r"$\pm$": "±",
+    "---": "—",
+    "--": "–",
+}
+_FONT_TAGS = {r"\textbf{": "strong", r"\textit{": "em"}
+# Longest first, so that `\}` wins over `}` and `$\pm$` over `$`; then any other LaTeX-special character.
+_LATEX_TOKEN = re.compile(
+    "|".join(re.escape(token) for token in sorted([*_TEXT_OF, *_FONT_TAGS, "}"], key=len, reverse=True))
+    + r"|[\\${}~^_&#%]"
+)
 _UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
 
 
@@ -58,7 +75,8 @@ class Artifact:
     """One item that main.tex places in a section.
 
     A table is a self-contained float that main.tex `\\input`s; a figure is a PDF that main.tex wraps
-    in a float with `caption` and `label`, because an image file cannot carry its own caption.
+    in a float with `caption` and `label`, because an image file cannot carry its own caption. `files` is
+    everything the item wrote: with the table or PDF, e.g. a table's HTML twin or a figure's PNG and CSV.
     """
 
     kind: Literal["table", "figure"]
@@ -83,6 +101,35 @@ class TableRow:
 def latex_escape(text: object) -> str:
     """Escape LaTeX special characters, so labels such as `W.Avg & co` or `ZipIt!_{13/20}` print as is."""
     return _ESCAPE_PATTERN.sub(lambda match: _ESCAPES[match.group()], str(text))
+
+
+def latex_to_html(text: str) -> Markup:
+    """The HTML of the LaTeX that the table builders write: escapes and `$\\pm$` become their characters,
+    `--` an en dash, `\\textbf{..}`/`\\textit{..}` <strong>/<em>; everything else is HTML-escaped text.
+
+    Inverts `latex_escape`, so a label prints as it was configured. Raises ValueError for any other LaTeX
+    (an unknown macro, `$`, an unbalanced brace) rather than showing the reader raw markup.
+    """
+    parts: list[str] = []
+    closing: list[str] = []
+    end = 0
+    for match in _LATEX_TOKEN.finditer(text):
+        parts.append(html.escape(text[end : match.start()], quote=False))
+        token = match.group()
+        if token in _TEXT_OF:
+            parts.append(html.escape(_TEXT_OF[token], quote=False))
+        elif token in _FONT_TAGS:
+            parts.append(f"<{_FONT_TAGS[token]}>")
+            closing.append(f"</{_FONT_TAGS[token]}>")
+        elif token == "}" and closing:
+            parts.append(closing.pop())
+        else:
+            raise ValueError(f"no HTML for the LaTeX {text[match.start() : match.start() + 20]!r} in {text!r}")
+        end = match.end()
+    if closing:
+        raise ValueError(f"unbalanced braces in {text!r}")
+    parts.append(html.escape(text[end:], quote=False))
+    return Markup("".join(parts))
 
 
 def slug(name: str) -> str:
@@ -121,6 +168,37 @@ def render_to(path: Path, template: str, **context: Any) -> Path:
     with atomic_open(path) as handle:
         handle.write(text)
     return path
+
+
+def write_table(
+    out_dir: Path, stem: str, *, caption: str, label: str, columns: Sequence[str], rows: Sequence[TableRow]
+) -> tuple[Path, Path]:
+    """Write `tables/<stem>.tex`, a booktabs float for main.tex, and `tables/<stem>.html`, the same caption and
+    cells as a standalone page for the HTML report (a browser cannot show LaTeX). Returns both paths.
+
+    `caption` and `cells` are LaTeX; `columns` and row labels are plain text, escaped by each template.
+    """
+    tex = render_to(
+        out_dir / "tables" / f"{stem}.tex", "table.tex.j2", caption=caption, label=label, columns=columns, rows=rows
+    )
+    page = render_html(
+        out_dir / "tables" / f"{stem}.html",
+        "table.html.j2",
+        title=stem,
+        caption=latex_to_html(caption),
+        label=label,
+        columns=columns,
+        rows=[
+            {
+                "label": row.label,
+                "cells": [latex_to_html(cell) for cell in row.cells],
+                "rule_before": row.rule_before,
+                "header": row.header,
+            }
+            for row in rows
+        ],
+    )
+    return tex, page
 
 
 def format_accuracy(mean: float, std: float, n: int, *, bold: bool = False) -> str:
@@ -205,15 +283,15 @@ def accuracy_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
             rf"{latex_escape(dataset)}, {latex_escape(rows[0]['arch_label'])}: accuracy (\%), "
             f"{pairs_phrase(table['n_pairs'])}. Best merged joint accuracy in bold."
         )
-        path = render_to(
-            out_dir / "tables" / f"accuracy_{slug(dataset)}_{slug(arch)}.tex",
-            "table.tex.j2",
+        path, page = write_table(
+            out_dir,
+            f"accuracy_{slug(dataset)}_{slug(arch)}",
             caption=caption,
             label=f"tab:accuracy-{slug(dataset)}-{slug(arch)}",
             columns=["Method", "Params", "FLOPs", "Joint", *(f"Task {task}" for task in tasks), "Avg"],
             rows=table_rows,
         )
-        artifacts.append(Artifact("table", dataset, path, (path,)))
+        artifacts.append(Artifact("table", dataset, path, (path, page)))
     return artifacts
 
 
@@ -253,9 +331,9 @@ def mudsc_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
                 "for each model pair in turn, chosen by joint accuracy on the merge slice unless fixed in the "
                 "configuration."
             )
-        path = render_to(
-            out_dir / "tables" / f"mudsc_{slug(dataset)}_{slug(arch)}.tex",
-            "table.tex.j2",
+        path, page = write_table(
+            out_dir,
+            f"mudsc_{slug(dataset)}_{slug(arch)}",
             caption=caption,
             label=f"tab:mudsc-{slug(dataset)}-{slug(arch)}",
             columns=[
@@ -267,7 +345,7 @@ def mudsc_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
             ],
             rows=table_rows,
         )
-        artifacts.append(Artifact("table", dataset, path, (path,)))
+        artifacts.append(Artifact("table", dataset, path, (path, page)))
     return artifacts
 
 
@@ -354,9 +432,9 @@ def hetero_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
                 "the remaining positions with identity blocks and then match the equally deep models."
             )
         stem = f"hetero_{slug(dataset)}_{slug(group)}"
-        path = render_to(
-            out_dir / "tables" / f"{stem}.tex",
-            "table.tex.j2",
+        path, page = write_table(
+            out_dir,
+            stem,
             caption=caption,
             label=f"tab:hetero-{slug(dataset)}-{slug(group)}",
             columns=["Method", "Joint", *(f"Task {task}" for task in tasks), "Avg"],
@@ -366,7 +444,7 @@ def hetero_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
         columns = [*HETERO_ID_COLUMNS, *(f"{metric}_{stat}" for metric in metrics for stat in STATS)]
         with atomic_open(csv) as handle:
             pd.DataFrame(csv_rows, columns=columns).to_csv(handle, index=False, lineterminator="\n")
-        artifacts.append(Artifact("table", dataset, path, (path, csv)))
+        artifacts.append(Artifact("table", dataset, path, (path, page, csv)))
     return artifacts
 
 
@@ -397,15 +475,15 @@ def summary_tables(data: ReportData, out_dir: Path) -> list[Artifact]:
             rf"{latex_escape(dataset)}: joint accuracy (\%) of every method and architecture, "
             f"{pairs_phrase(frame['n_pairs'])}. Best merged result per architecture in bold."
         )
-        path = render_to(
-            out_dir / "tables" / f"summary_{slug(dataset)}.tex",
-            "table.tex.j2",
+        path, page = write_table(
+            out_dir,
+            f"summary_{slug(dataset)}",
             caption=caption,
             label=f"tab:summary-{slug(dataset)}",
             columns=["Method", *(by_arch[arch]["arch_label"].iloc[0] for arch in archs)],
             rows=table_rows,
         )
-        artifacts.append(Artifact("table", dataset, path, (path,)))
+        artifacts.append(Artifact("table", dataset, path, (path, page)))
     return artifacts
 
 
