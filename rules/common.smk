@@ -20,6 +20,9 @@ os.environ.update(
 RESULTS = "results"
 DATASET = config["dataset"]["name"]
 COMPUTE = config["compute"]
+# Jobs per GPU reach the jobs' device choice (devices.py) through the environment, not `params:`: a rule
+# parameter is a rerun trigger, and this setting only schedules jobs.
+os.environ.update(HETMERGE_JOBS_PER_GPU=str(COMPUTE["jobs_per_gpu"]))
 SEEDS = config["split"]["seeds"]
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import hetmerge.checkpoint
+from hetmerge.atomic import write_json
 from hetmerge.checkpoint import CheckpointError, load_base_model, load_model, load_tensors, save_model
+from hetmerge.data import save_prepared
 from hetmerge.merged import MergedModel, UnitMap
+from hetmerge.statistics import collect_statistics, save_statistics
 
 
 def assert_same_state(a, b):
@@ -175,12 +180,52 @@ def test_successful_write_leaves_only_the_target(tmp_path, make_model):
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["m.safetensors"]
 
 
-def test_atomic_outputs_get_the_usual_permissions(tmp_path):
-    import os
+@pytest.fixture
+def umask_022():
+    """A known umask, so that 'the usual permissions' are 0644 whatever the machine's umask is."""
+    previous = os.umask(0o022)
+    yield 0o022
+    os.umask(previous)
 
-    from hetmerge.atomic import write_json
 
-    write_json(tmp_path / "x.json", {"a": 1})
-    umask = os.umask(0)
-    os.umask(umask)
-    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~umask
+def write_output(kind, path, make_model, digits):
+    """Write one output of the kind a pipeline stage writes (every kind goes through atomic_path)."""
+    if kind == "json":
+        write_json(path, {"a": 1})
+    elif kind == "model":
+        save_model(make_model(), path, {})
+    elif kind == "statistics":
+        save_statistics(collect_statistics([make_model(), make_model(seed=1)], [torch.randn(4, 1, 8, 8)]), path)
+    else:
+        save_prepared(digits, path)
+
+
+@pytest.mark.parametrize("kind", ["json", "model", "statistics", "dataset"])
+def test_atomic_outputs_get_the_usual_permissions(tmp_path, umask_022, kind, make_model, digits):
+    """safetensors' save_file replaces the temporary file with an owner-only one; outputs must still be 0644."""
+    path = tmp_path / f"x.{kind}"
+    write_output(kind, path, make_model, digits)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask_022
+
+
+@pytest.mark.parametrize("kind", ["json", "model", "statistics", "dataset"])
+def test_outputs_are_fsynced_before_the_rename(tmp_path, monkeypatch, kind, make_model, digits):
+    """A crash right after the rename must not leave an empty or short file: the data reaches disk first."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", str(src), Path(src).stat().st_size))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / f"x.{kind}"
+    write_output(kind, path, make_model, digits)
+    assert [c[0] for c in calls] == ["fsync", "replace"]
+    assert calls[0][1:] == calls[1][1:]  # the very file that is renamed, at its final size
+    assert calls[1][2] == path.stat().st_size > 0

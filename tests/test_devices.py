@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 
-from hetmerge.devices import claim_slot, release_all, select_device
+import hetmerge.devices
+from hetmerge.devices import claim_slot, default_jobs_per_gpu, release_all, select_device
 
 MP = multiprocessing.get_context("spawn")
 WAIT_S = 60  # generous bound for spawned interpreters to import torch on a busy machine
@@ -24,6 +27,22 @@ def hold_slot(name, lock_dir, n_slots, events, release):
     events.put(("waiting", name, None))
     index = claim_slot(n_slots, Path(lock_dir), timeout_s=WAIT_S, poll_s=0.05)
     events.put(("got", name, index))
+    release.wait(WAIT_S)
+
+
+def fake_gpus(monkeypatch, n_devices):
+    """Pretend `n_devices` CUDA devices are visible (torch.device('cuda', k) needs no driver)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_devices)
+
+
+def select_on_fake_gpus(name, lock_dir, n_devices, jobs_per_gpu, events, release):
+    """Child: `select_device('auto')` as a pipeline job does, on fake devices; reports its device and slot."""
+    os.environ.update(HETMERGE_LOCK_DIR=lock_dir, HETMERGE_JOBS_PER_GPU=str(jobs_per_gpu))
+    fake_gpus(pytest.MonkeyPatch(), n_devices)
+    events.put(("waiting", name, None))
+    device = select_device("auto")
+    events.put(("got", name, (device.index, Path(hetmerge.devices._held[-1].name).name)))
     release.wait(WAIT_S)
 
 
@@ -142,3 +161,61 @@ def test_select_device_rejects_bad_strings(request_):
 def test_select_device_rejects_bad_cuda_index(request_):
     with pytest.raises(ValueError):
         select_device(request_)
+
+
+def test_jobs_share_gpus_with_one_slot_each(tmp_path, processes):
+    """2 GPUs × 2 jobs per GPU: four concurrent jobs hold four distinct slots, two on each GPU; a fifth waits."""
+    inbox = Inbox()
+    releases = {f"j{i}": MP.Event() for i in range(5)}
+    args = (str(tmp_path), 2, 2, inbox.queue)
+    for name in list(releases)[:4]:
+        processes(select_on_fake_gpus, name, *args, releases[name])
+    got = [inbox.wait_for("got", f"j{i}") for i in range(4)]
+    assert sorted(slot for _, slot in got) == [f"slot{k}.lock" for k in range(4)]
+    assert sorted(device for device, _ in got) == [0, 0, 1, 1]
+    processes(select_on_fake_gpus, "j4", *args, releases["j4"])
+    inbox.wait_for("waiting", "j4")
+    with pytest.raises(queue.Empty):
+        inbox.wait_for("got", "j4", timeout=1.5)
+
+
+def test_jobs_spread_over_gpus_before_sharing_one(tmp_path, monkeypatch, in_process_cleanup):
+    fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv("HETMERGE_LOCK_DIR", str(tmp_path))
+    monkeypatch.setenv("HETMERGE_JOBS_PER_GPU", "3")
+    assert [select_device("auto").index for _ in range(6)] == [0, 1, 0, 1, 0, 1]
+    with pytest.raises(TimeoutError, match="all 6 device locks"):
+        claim_slot(6, tmp_path, timeout_s=0)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "", "1.5"])
+def test_jobs_per_gpu_must_be_a_positive_integer(monkeypatch, value):
+    monkeypatch.setenv("HETMERGE_JOBS_PER_GPU", value)
+    with pytest.raises(ValueError, match="HETMERGE_JOBS_PER_GPU must be an integer >= 1"):
+        default_jobs_per_gpu()
+
+
+def test_jobs_per_gpu_defaults_to_one(monkeypatch):
+    monkeypatch.delenv("HETMERGE_JOBS_PER_GPU", raising=False)
+    assert default_jobs_per_gpu() == 1
+
+
+def minimal_config(**compute):
+    return {
+        "dataset": {"name": "digits"},
+        "split": {"seeds": [0]},
+        "architectures": {"mlp": {"family": "mlp"}},
+        "methods": {"ensemble": {"method": "ensemble"}},
+        "experiments": {"mlp": {"models": ["mlp", "mlp"], "methods": ["ensemble"]}},
+        "compute": compute,
+    }
+
+
+def test_schema_defaults_jobs_per_gpu_to_one_and_rejects_zero():
+    schema = str(Path(__file__).resolve().parents[1] / "config" / "schema.yaml")
+    config = minimal_config()
+    validate(config, schema, set_default=True)
+    assert config["compute"]["jobs_per_gpu"] == 1
+    validate(minimal_config(jobs_per_gpu=4), schema)
+    with pytest.raises(WorkflowError, match="jobs_per_gpu"):
+        validate(minimal_config(jobs_per_gpu=0), schema)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from benchmarks_loader import load_benchmark
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -28,19 +26,7 @@ from hetmerge.models import MultiTaskNet, build_model
 from hetmerge.spaces import SpaceGraph, permute_state
 from hetmerge.statistics import SpaceStats, collect_statistics
 
-
-def _load_benchmark():
-    """The one reference loop of the greedy zip lives in benchmarks/matching.py (which times against it)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "matching.py"
-    spec = importlib.util.spec_from_file_location("hetmerge_benchmark_matching", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH = _load_benchmark()
+BENCH = load_benchmark("matching")  # the one reference loop of the greedy zip lives there
 CPU = torch.device("cpu")
 
 
@@ -88,6 +74,9 @@ def check_against_reference(sims, widths, alpha, beta):
     result = greedy_zip(similarity, widths, alpha, beta)
     assert torch.equal(similarity, before)  # the input is not modified
     assert list(result.merges) == reference.merges
+    assert result.values.shape == (len(result.merges),)
+    if result.merges:  # the first merge is made at the largest off-diagonal similarity, undiscounted
+        assert result.values[0] == similarity.masked_fill(torch.eye(len(similarity), dtype=torch.bool), -np.inf).max()
     assert result.assignment.shape == (sum(widths), max(widths))
     assert result.assignment.dtype == torch.float64
     assert torch.equal(result.assignment, torch.from_numpy(reference.assignment))
@@ -131,6 +120,22 @@ def test_greedy_zip_rejects_a_matrix_that_does_not_fit():
         greedy_zip(torch.zeros(4, 3, dtype=torch.float64), [2, 2], 0.3, 0.1)
 
 
+@pytest.mark.parametrize(
+    ("method", "params"), [("zipit", {"alpha": 0.0}), ("zipit", {"alpha": -1.0}), ("mudsc", {"alpha": 0.0, "lam": 0.5})]
+)
+def test_alpha_at_most_0_refuses_three_models(method, params):
+    """α ≤ 0 never merges a merged unit again, so 3d units cannot shrink to d; two models are fine."""
+    trio = [build_model("mlp", {"hidden": [4]}, (1, 1, 2), {"A": 1}) for _ in range(3)]
+    with pytest.raises(MergeError, match="third model"):
+        build_method(method, params)(trio, MergeContext(CPU))
+    build_method(method, params).check(trio[:2])
+
+
+def test_alpha_does_not_limit_alignment():
+    trio = [build_model("mlp", {"hidden": [4]}, (1, 1, 2), {"A": 1}) for _ in range(3)]
+    build_method("mudsc", {"alpha": 0.0, "solver": "align"}).check(trio)
+
+
 def test_zip_budgets_follow_the_reference_formula():
     # algorithms.md §4.6: ResNet-26×8 with ResNet-26×4 at β = 1
     assert zip_budgets([512, 256], 1.0) == [170, 85]
@@ -170,10 +175,12 @@ def test_hand_computed_zipit_merge():
     # fc0: best pair A0–B1 (0.9); A0's column becomes 0.3·min → 0.03 for A1 and B0; then A1–B0 (0.8)
     zip0 = greedy_zip(stats["fc0"].correlation(), [2, 2], 0.3, 0.0)
     assert zip0.merges == ((0, 3), (1, 2))
+    assert zip0.values.tolist() == [0.9, 0.8]
     # fc1: A0–A1 (0.95) within model A (budget 0 → masked after); then B0 (0.3·min(.5,.3) = .09 with the
     # merged unit), B1 (0.12) and B0–B1 (0.2): B0–B1
     zip1 = greedy_zip(stats["fc1"].correlation(), [2, 2], 0.3, 0.0)
     assert zip1.merges == ((0, 1), (2, 3))
+    assert zip1.values.tolist() == [0.95, 0.2]
 
     sm0 = SpaceMerge.from_assignment(zip0.assignment, [2, 2])
     f64 = torch.float64

@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from hetmerge.checkpoint import load_tensors, save_model
@@ -56,12 +57,12 @@ def workdir(root: Path) -> Path:
     return root
 
 
-def snakemake(cwd, *args, configfile=TINY, timeout=120):
+def snakemake(cwd, *args, configfile=TINY, timeout=120, env=ENV):
     """Run snakemake in `cwd`; returns (returncode, stdout and stderr together)."""
     proc = subprocess.run(
         [str(BIN / "snakemake"), *args, "--cores", "2", "--configfile", configfile],  # --configfile takes nargs
         cwd=cwd,
-        env=ENV,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -110,6 +111,29 @@ def test_dry_run_plans_every_rule(dry_run):
 
 def test_schema_is_validated_without_warnings(dry_run):
     assert "No validator found" not in dry_run
+
+
+def test_gpu_config_validates_and_mirrors_the_default_experiments(tmp_path):
+    """config/fashion_mnist_gpu.yaml passes the schema and builds its DAG, with the job counts its header sizes."""
+    cwd = workdir(tmp_path)
+    code, out = snakemake(cwd, "-n", "all", configfile="config/fashion_mnist_gpu.yaml")
+    assert code == 0, out
+    assert job_stats(out) == {
+        **ALL_JOBS,
+        "split": 6,
+        "train": 69,
+        "statistics": 45,
+        "merge": 276,
+        "evaluate": 57,
+        "lambda_sweep": 18,
+        "landscape": 3,
+    }
+
+    def layout(name):
+        experiments = yaml.safe_load((REPO / "config" / name).read_text())["experiments"].values()
+        return [(len(e["models"]), e.get("table", "standard"), e["methods"]) for e in experiments]
+
+    assert layout("fashion_mnist_gpu.yaml") == layout("config.yaml")
 
 
 def test_full_run_writes_paper_and_results(completed):
@@ -414,3 +438,40 @@ def test_evaluate_names_a_corrupt_model_file(tmp_path, prepared, make_model):
     assert f"checkpoint {model}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def cuda_python(bin_dir: Path) -> Path:
+    """A `python` that runs `python -m hetmerge ...` with the emulated CUDA device of tests/fake_cuda.py."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    wrapper = bin_dir / "python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "-m" ] && [ "$2" = "hetmerge" ]; then shift 2; '
+        f'exec {sys.executable} {Path(__file__).parent / "fake_cuda.py"} "$@"; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("device", ["emulated", pytest.param("real", marks=pytest.mark.gpu)])
+def test_full_run_on_cuda(tmp_path, completed, device):
+    """Every stage of the tiny run with `compute.device: cuda:0`; emulated, its numbers equal the CPU run's."""
+    if device == "real" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the gpu tests need one (the emulated run covers the CPU-only case)")
+    cwd = workdir(tmp_path / "run")
+    config = edited_config(cwd, "cuda", lambda c: c["compute"].update(device="cuda:0"))
+    env = ENV
+    if device == "emulated":
+        env = {**ENV, "PATH": f"{cuda_python(tmp_path / 'bin')}{os.pathsep}{ENV['PATH']}"}
+    code, out = snakemake(cwd, "all", configfile=config, timeout=900, env=env)
+    logs = "".join(p.read_text()[-1500:] for p in sorted((cwd / "results" / "logs").rglob("*.log")))
+    assert code == 0, out[-3000:] + logs[-6000:]
+    evals = [rec for path in sorted((cwd / "results" / "eval").rglob("*.json")) for rec in json.loads(path.read_text())]
+    assert evals and all(rec["provenance"]["device"].startswith("cuda:0") for rec in evals)
+    got = (cwd / "results" / "paper" / "results.csv").read_text()
+    want = (completed / "results" / "paper" / "results.csv").read_text()
+    if device == "emulated":
+        assert got == want
+    else:
+        assert got.splitlines()[0] == want.splitlines()[0] and len(got.splitlines()) == len(want.splitlines())

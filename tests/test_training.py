@@ -1,33 +1,55 @@
-"""Training: bit-exact determinism on CPU, resumption after an interruption, the learning-rate schedule."""
+"""Training: bit-exact determinism on CPU, resumption after an interruption, the learning-rate schedule,
+mixed precision and channels-last, and the training benchmark."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import math
 
 import pytest
 import torch
+from benchmarks_loader import load_benchmark
 
 import hetmerge.training
 from hetmerge.checkpoint import load_tensors
-from hetmerge.training import TrainSettings, lr_at, make_deterministic, train_model
+from hetmerge.cli import main as cli_main
+from hetmerge.data import iterate_batches, save_prepared, save_split
+from hetmerge.params import ParameterError, parse_params
+from hetmerge.training import (
+    TrainSettings,
+    lr_at,
+    make_deterministic,
+    resolve_channels_last,
+    resolve_precision,
+    train_model,
+)
 
 SPEC = {"hidden": [16], "batch_norm": True}
+VGG = ("vgg", {"depth": 11, "width": 0.0625})
 
 
 @pytest.fixture
-def train(digits, digits_split, cpu, make_model):
-    """`train(seed, resume=None, **settings)` -> (model, history): a tiny MLP on task A, as the CLI does it."""
+def keep_determinism_flag():
+    """Training turns deterministic algorithms on, as a job does; put the flag back for other tests."""
     was = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(was)
 
-    def run(seed=0, resume=None, **overrides):
+
+@pytest.fixture
+def train(digits, digits_split, cpu, make_model, keep_determinism_flag):
+    """`train(seed, resume=None, model=("mlp", SPEC), **settings)` -> (model, history): a tiny net on task A,
+    as the CLI does it."""
+
+    def run(seed=0, resume=None, model=("mlp", SPEC), **overrides):
         settings = TrainSettings(**{"epochs": 3, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0.5, **overrides})
         make_deterministic(seed, cpu)
-        model = make_model("mlp", SPEC, {"A": 5}, digits.input_shape, seed=seed)
+        model = make_model(*model, {"A": 5}, digits.input_shape, seed=seed)
         history = train_model(model, digits, digits_split, "A", settings, seed, cpu, resume)
         return model, history
 
-    yield run
-    torch.use_deterministic_algorithms(was)
+    return run
 
 
 def same_state(a, b):
@@ -140,3 +162,132 @@ def test_training_needs_one_full_batch(digits, digits_split, cpu, make_model):
     model = make_model("mlp", SPEC, {"A": 5})
     with pytest.raises(ValueError, match="fewer than one batch"):
         train_model(model, digits, digits_split, "A", TrainSettings(epochs=1, batch_size=10_000), 0, cpu)
+
+
+def test_precision_and_channels_last_parse_from_config():
+    parsed = parse_params(TrainSettings, {"precision": "bf16", "channels_last": True}, "training")
+    assert (parsed.precision, parsed.channels_last) == ("bf16", True)
+    assert parse_params(TrainSettings, {"channels_last": "auto"}, "training").channels_last == "auto"
+    assert (TrainSettings().precision, TrainSettings().channels_last) == ("auto", "auto")
+    with pytest.raises(ParameterError, match="'fp8' is not one of"):
+        parse_params(TrainSettings, {"precision": "fp8"}, "training")
+    with pytest.raises(ParameterError, match="channels_last"):
+        parse_params(TrainSettings, {"channels_last": "yes"}, "training")
+
+
+def test_auto_precision_is_fp32_on_cpu_and_bf16_on_a_bf16_gpu(cpu, monkeypatch):
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"  # allowed on request, never the default
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert resolve_precision("auto", cuda) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto", cuda) == "fp32"  # emulated bf16 is slow: not chosen automatically
+
+
+def test_half_precision_that_autocast_cannot_run_is_a_clear_error(cpu, monkeypatch):
+    monkeypatch.setattr(hetmerge.training, "_autocast_runs", lambda device, dtype: False)
+    with pytest.raises(ValueError, match=r"precision 'fp16': .* no fp16 autocast on cpu; use fp32"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8", cpu)
+
+
+def test_channels_last_only_for_conv_nets_and_auto_only_on_cuda(cpu, make_model):
+    cuda = torch.device("cuda")
+    mlp, vgg = make_model("mlp", SPEC), make_model(*VGG)
+    assert [resolve_channels_last(s, vgg, cpu) for s in ("auto", True, False)] == [False, True, False]
+    assert [resolve_channels_last(s, vgg, cuda) for s in ("auto", True, False)] == [True, True, False]
+    assert not any(resolve_channels_last(s, mlp, d) for s in ("auto", True) for d in (cpu, cuda))
+
+
+def test_default_on_cpu_is_plain_fp32_nchw(train):
+    (a, ha), (b, hb) = train(0, model=VGG), train(0, model=VGG, precision="fp32", channels_last=False)
+    assert same_state(a, b)
+    assert [(h["loss"], h["train_acc"]) for h in ha] == [(h["loss"], h["train_acc"]) for h in hb]
+
+
+def test_bf16_training_on_cpu_is_close_to_fp32(train):
+    (a, ha), (b, hb) = train(0), train(0, precision="bf16")
+    assert not same_state(a, b)  # autocast really ran in bf16
+    assert all(math.isfinite(h["loss"]) for h in hb)
+    assert [h["loss"] for h in hb] == pytest.approx([h["loss"] for h in ha], abs=0.01)
+    assert hb[-1]["train_acc"] > 0.8
+    assert same_state(b, train(0, precision="bf16")[0])  # deterministic too
+
+
+def test_channels_last_training_on_cpu_matches_nchw(train, digits):
+    (a, ha), (b, hb) = train(0, model=VGG), train(0, model=VGG, channels_last=True)
+    assert all(t.is_contiguous() for t in b.state_dict().values())  # handed back in the default layout
+    assert [h["loss"] for h in hb] == pytest.approx([h["loss"] for h in ha], rel=1e-4)
+    x, _ = next(iterate_batches(digits.test_images, digits.test_labels, range(64), 64, digits.mean, digits.std))
+    with torch.no_grad():
+        ya, yb = a(x)["A"], b(x)["A"]
+    assert torch.allclose(ya, yb, rtol=1e-4, atol=1e-4 * ya.abs().max().item())
+
+
+@pytest.mark.skipif(
+    not hetmerge.training._autocast_runs(torch.device("cpu"), torch.float16), reason="no fp16 autocast on this CPU"
+)
+def test_fp16_grad_scaler_state_survives_resume(train, tmp_path, monkeypatch, capsys):
+    reference, reference_history = train(0, precision="fp16")
+    resume = tmp_path / "model.resume"
+    restore = interrupt_in_epoch(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train(0, resume, precision="fp16")
+    restore()
+    saved = load_tensors(resume)[1]["grad_scaler"]
+    assert saved["scale"] > 0 and "_growth_tracker" in saved
+    loaded = []
+    real_load = torch.amp.GradScaler.load_state_dict
+
+    def spy(self, state):
+        loaded.append(state)
+        real_load(self, state)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict", spy)
+    capsys.readouterr()
+    model, history = train(0, resume, precision="fp16")
+    assert "after epoch 2" in capsys.readouterr().err
+    assert loaded == [saved]
+    assert [h["loss"] for h in history] == [h["loss"] for h in reference_history]
+    assert same_state(model, reference)
+
+
+@pytest.mark.parametrize(
+    ("model", "train_settings", "expected"),
+    [
+        (("mlp", SPEC), {}, ("fp32", False)),
+        (VGG, {"precision": "bf16", "channels_last": True}, ("bf16", True)),
+    ],
+    ids=["default", "bf16-channels-last"],
+)
+def test_checkpoint_metadata_records_resolved_precision(
+    tmp_path, digits, digits_split, model, train_settings, expected, keep_determinism_flag
+):
+    save_prepared(digits, tmp_path / "digits.safetensors")
+    save_split(digits_split, tmp_path / "split.json")
+    out = tmp_path / "model.safetensors"
+    args = ["train", "--data", str(tmp_path / "digits.safetensors"), "--split", str(tmp_path / "split.json")]
+    args += ["--task", "A", "--seed", "0", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    args += ["--model", json.dumps({"family": model[0], "spec": model[1]})]
+    args += ["--train", json.dumps({"epochs": 1, "batch_size": 64, **train_settings})]
+    assert cli_main(args) == 0
+    info = load_tensors(out)[1]["info"]
+    assert (info["precision"], info["channels_last"]) == expected
+    assert info["train"]["precision"] == train_settings.get("precision", "auto")
+
+
+def test_training_benchmark_runs_with_tiny_sizes(capsys):
+    module = load_benchmark("training")
+    was = torch.are_deterministic_algorithms_enabled()
+    assert module.main(["--images", "256", "--epochs", "2", "--json", "--device", "cpu"]) == 0
+    assert torch.are_deterministic_algorithms_enabled() == was
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["device"], r["precision"]) for r in rows] == [("cpu", "fp32"), ("cpu", "bf16")]
+    for r in rows:
+        assert r["channels_last"] is False and r["steps_per_epoch"] == 2 and r["clock"] == "cpu"
+        assert len(r["train_model_epochs_s"]) == len(r["plain_epochs_s"]) == 2
+        assert r["train_model_s"] > 0 and r["plain_s"] > 0
+        assert r["ratio"] == pytest.approx(r["train_model_s"] / r["plain_s"])

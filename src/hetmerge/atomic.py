@@ -15,18 +15,25 @@ from typing import IO, Any
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to `path`; it is renamed onto `path` only if the block succeeds.
 
-    The temporary file lives in the same directory so that the final `os.replace` is atomic on POSIX.
+    The temporary file lives in the same directory so that the final `os.replace` is atomic on POSIX. Mode
+    and fsync are applied after the block, to whatever file is then at the temporary path: writers such as
+    safetensors' `save_file` replace it with a new owner-only (0600) file instead of writing into it.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # mkstemp makes owner-only files; outputs should get the usual permissions
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # the usual permissions, not mkstemp's (or the writer's) owner-only ones
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # data on disk before the rename, so a crash cannot leave an empty file at `path`
+        finally:
+            os.close(fd)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -34,11 +41,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a file for writing that appears at `path` only once it is completely written."""
+    """Open a file for writing that appears at `path` only once it is completely written (and fsynced)."""
     with atomic_path(path) as tmp, open(tmp, mode) as handle:
         yield handle
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

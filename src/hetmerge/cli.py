@@ -75,7 +75,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     from hetmerge.models import build_model
     from hetmerge.params import as_dict, parse_params
     from hetmerge.provenance import provenance
-    from hetmerge.training import TrainSettings, make_deterministic, train_model
+    from hetmerge.training import (
+        TrainSettings,
+        make_deterministic,
+        resolve_channels_last,
+        resolve_precision,
+        train_model,
+    )
 
     device = _setup(args.threads, args.device)
     ds, split = load_prepared(args.data), load_split(args.split)
@@ -93,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         "classes": list(task.classes),
         "seed": args.seed,
         "train": as_dict(settings),
+        "precision": resolve_precision(settings.precision, device),
+        "channels_last": resolve_channels_last(settings.channels_last, model, device),
         "history": history,
         "train_seconds": round(time.perf_counter() - t0, 3),
         "provenance": provenance(device),

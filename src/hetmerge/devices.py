@@ -1,8 +1,10 @@
 """Device choice for jobs that Snakemake schedules under `--resources gpu=N`.
 
 Snakemake only caps how many GPU jobs run at once; it never says which GPU a job gets. Each job therefore
-claims a device itself by taking a non-blocking `flock` on a node-local lock file per device. The kernel
-drops the lock when the process exits, so a crashed job never blocks a device forever.
+claims a device itself by taking a non-blocking `flock` on one of `jobs_per_gpu × GPUs` node-local lock files
+(slots). The kernel drops the lock when the process exits, so a crashed job never blocks a device forever.
+Slot k runs on GPU k mod GPUs: the first free slot is taken, so jobs spread over the GPUs before they share
+one, and slot k means the same GPU whatever `jobs_per_gpu` a concurrent run on the node uses.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ def default_lock_dir() -> Path:
     return Path(os.environ.get("HETMERGE_LOCK_DIR", Path(tempfile.gettempdir()) / f"hetmerge-locks-{os.getuid()}"))
 
 
+def default_jobs_per_gpu() -> int:
+    """Jobs that may share one GPU: config `compute.jobs_per_gpu`, which the workflow exports to its jobs.
+
+    An environment variable rather than a rule parameter, so that changing it reruns nothing: it schedules
+    jobs and changes no result.
+    """
+    value = os.environ.get("HETMERGE_JOBS_PER_GPU", "1")
+    if not value.isdecimal() or int(value) < 1:
+        raise ValueError(f"HETMERGE_JOBS_PER_GPU must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def claim_slot(n_slots: int, lock_dir: Path, timeout_s: float = 3600.0, poll_s: float = 0.5) -> int:
     """Return the index of the first of `n_slots` lock files this process could lock; wait if all are taken."""
     if n_slots < 1:
@@ -32,7 +46,7 @@ def claim_slot(n_slots: int, lock_dir: Path, timeout_s: float = 3600.0, poll_s: 
     deadline = time.monotonic() + timeout_s
     while True:
         for index in range(n_slots):
-            handle = open(lock_dir / f"device{index}.lock", "ab")  # noqa: SIM115 (held open on purpose)
+            handle = open(lock_dir / f"slot{index}.lock", "ab")  # noqa: SIM115 (held open on purpose)
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -52,7 +66,7 @@ def release_all() -> None:
 
 
 def select_device(request: str = "auto") -> torch.device:
-    """'cpu', an explicit 'cuda:N', or 'auto': a free CUDA device if any is visible, else the CPU."""
+    """'cpu', an explicit 'cuda:N', or 'auto': a free slot on a visible CUDA device if any, else the CPU."""
     if request == "cpu":
         return torch.device("cpu")
     if re.fullmatch(r"cuda:\d+", request):
@@ -61,7 +75,8 @@ def select_device(request: str = "auto") -> torch.device:
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda:N', got {request!r}")
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device(f"cuda:{claim_slot(torch.cuda.device_count(), default_lock_dir())}")
+    count = torch.cuda.device_count()
+    return torch.device("cuda", claim_slot(default_jobs_per_gpu() * count, default_lock_dir()) % count)
 
 
 def describe_device(device: torch.device) -> str:

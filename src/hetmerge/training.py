@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from hetmerge.checkpoint import CheckpointError, load_tensors, save_tensors
-from hetmerge.data import ImageDataset, TaskSplit, iterate_batches, make_label_map
+from hetmerge.data import ImageDataset, Task, TaskSplit, iterate_batches, make_label_map
 from hetmerge.models import MultiTaskNet
 from hetmerge.params import as_dict
+
+Precision = Literal["fp32", "bf16", "fp16"]
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """SGD with linear warm-up then linear decay to zero per step, as in the ZipIt!/MuDSC training code."""
+    """SGD with linear warm-up then linear decay to zero per step, as in the ZipIt!/MuDSC training code.
+
+    `precision` is the autocast dtype of the forward pass and the loss (fp16 adds a gradient scaler);
+    `auto` is bf16 on a CUDA device with native bf16 and fp32 elsewhere, so default CPU runs stay
+    bit-identical fp32. `channels_last` stores convolutional nets and their input batches NHWC, the layout
+    tensor cores prefer; `auto` uses it on CUDA only, and nets without Conv2d are never converted.
+    """
 
     epochs: int = 10
     batch_size: int = 128
@@ -33,6 +44,8 @@ class TrainSettings:
     warmup_epochs: float = 1.0
     augment: bool = False
     label_smoothing: float = 0.0
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
 
 
 def lr_at(step: int, steps_per_epoch: int, settings: TrainSettings) -> float:
@@ -42,6 +55,48 @@ def lr_at(step: int, steps_per_epoch: int, settings: TrainSettings) -> float:
     if step < warmup:
         return settings.lr * step / warmup
     return settings.lr * max(0.0, (total - step) / max(1.0, total - warmup))
+
+
+def _autocast_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether autocast on `device` computes in `dtype`: an unsupported dtype only warns and runs fp32."""
+    x = torch.ones(2, 2, device=device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast(device.type, dtype=dtype):
+                return (x @ x).dtype == dtype
+    except RuntimeError:  # e.g. bf16 on a CUDA device without it
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """The precision that `precision` (a TrainSettings value) trains with on `device`.
+
+    `auto` never picks a half precision on the CPU, where the default must reproduce fp32 runs bit for bit;
+    an explicit half precision that autocast cannot run on `device` is an error rather than a silent fp32.
+    """
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    if precision == "fp32":
+        return "fp32"
+    if precision not in _HALF:
+        raise ValueError(f"precision must be one of fp32, bf16, fp16, auto; got {precision!r}")
+    if not _autocast_runs(device, _HALF[precision]):
+        raise ValueError(
+            f"precision {precision!r}: torch {torch.__version__} has no {precision} autocast on {device}; use fp32"
+        )
+    return precision  # type: ignore[return-value]
+
+
+def resolve_channels_last(setting: bool | str, model: MultiTaskNet, device: torch.device) -> bool:
+    """Whether training stores `model` and its inputs channels-last: only conv bodies gain from it.
+
+    `auto` keeps the CPU on the default layout, whose results are the reference for determinism.
+    """
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.body.modules())
+    if setting == "auto":
+        return has_conv and device.type == "cuda"
+    return setting is True and has_conv
 
 
 def make_deterministic(seed: int, device: torch.device) -> None:
@@ -70,6 +125,18 @@ def _optimizer_state(optimizer: torch.optim.SGD, params: list[nn.Parameter]) -> 
     return state
 
 
+def _task_data(
+    data: ImageDataset, indices: torch.Tensor, task: Task, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's training images and local labels, on `device` once, so no step copies or remaps labels."""
+    labels = data.train_labels[indices]
+    local = make_label_map(task.label_map, data.num_classes)[labels]
+    if bool((local < 0).any()):
+        unmapped = sorted(set(labels[local < 0].tolist()))
+        raise ValueError(f"task {task.name!r} has training images of classes {unmapped} outside the task")
+    return data.train_images[indices].to(device), local.to(device)
+
+
 def train_model(
     model: MultiTaskNet,
     data: ImageDataset,
@@ -84,18 +151,26 @@ def train_model(
 
     With `resume_path`, the full training state is written there atomically after every epoch and
     picked up again on restart, provided the run's fingerprint (model, task, settings, seed, data) matches.
-    Returns the per-epoch history.
+    Returns the per-epoch history. Steps read nothing back from the device: the epoch's losses and hits
+    stay there until its end.
     """
     if task not in model.heads:
         raise ValueError(f"model has no head for task {task!r} (heads: {list(model.heads)})")
     task_info = split.task(task)
     indices = torch.as_tensor(split.train_indices[task], dtype=torch.long)
-    lut = make_label_map(task_info.label_map, data.num_classes)
+    images, labels = _task_data(data, indices, task_info, device)
+    positions = torch.arange(len(indices), device=device)  # into `images`: shuffled as `indices` were before
+    precision = resolve_precision(settings.precision, device)
+    channels_last = resolve_channels_last(settings.channels_last, model, device)
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    autocast = torch.autocast(device.type, dtype=_HALF[precision]) if precision in _HALF else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     steps_per_epoch = len(indices) // settings.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"task {task!r} has {len(indices)} training images, fewer than one batch")
@@ -113,6 +188,8 @@ def train_model(
                     if f"optimizer.{i}" in state:
                         optimizer.state[p]["momentum_buffer"] = state[f"optimizer.{i}"].to(device)
                 generator.set_state(state["generator"])
+                if "grad_scaler" in meta:
+                    scaler.load_state_dict(meta["grad_scaler"])
                 start_epoch, history = meta["epoch"], meta["history"]
                 print(f"resuming from {resume_path} after epoch {start_epoch}", file=sys.stderr)
 
@@ -120,11 +197,12 @@ def train_model(
     for epoch in range(start_epoch, settings.epochs):
         model.train()
         t0 = time.perf_counter()
-        total_loss = correct = seen = 0.0
+        losses = torch.empty(steps_per_epoch, device=device)
+        hits = torch.empty(steps_per_epoch, dtype=torch.long, device=device)
         batches = iterate_batches(
-            data.train_images,
-            data.train_labels,
-            indices,
+            images,
+            labels,
+            positions,
             settings.batch_size,
             data.mean,
             data.std,
@@ -133,7 +211,6 @@ def train_model(
             hflip=data.hflip,
             drop_last=True,
             device=device,
-            label_map=lut,
         )
         bar = tqdm(
             batches,
@@ -147,14 +224,21 @@ def train_model(
             lr = lr_at(epoch * steps_per_epoch + step_in_epoch, steps_per_epoch, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits = head(model.body(x))
-            loss = criterion(logits, y)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                logits = head(model.body(x))
+                loss = criterion(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses[step_in_epoch] = loss.detach()
+            hits[step_in_epoch] = (logits.argmax(1) == y).sum()
+        total_loss = 0.0
+        for batch_loss in losses.tolist():  # the epoch's one sync; float64 in step order, as per-step .item() was
+            total_loss += batch_loss * settings.batch_size
+        correct, seen = sum(hits.tolist()), steps_per_epoch * settings.batch_size
         if not math.isfinite(total_loss):
             raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss {total_loss}); lower the lr")
         record = {
@@ -173,6 +257,11 @@ def train_model(
             state = {f"model.{k}": v for k, v in model.state_dict().items()}
             state.update(_optimizer_state(optimizer, params))
             state["generator"] = generator.get_state()
-            save_tensors(resume_path, state, {"epoch": epoch + 1, "fingerprint": fingerprint, "history": history})
+            meta = {"epoch": epoch + 1, "fingerprint": fingerprint, "history": history}
+            if scaler.is_enabled():
+                meta["grad_scaler"] = scaler.state_dict()
+            save_tensors(resume_path, state, meta)
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
     model.eval()
     return history

@@ -4,9 +4,9 @@
 matching starts from the activation similarity alone, as MuDSC does; with λ = 0 activations are never
 used and every space starts unmatched. Then, while λ < 1, sweeps visit the sets of spaces in a seeded
 random order and re-solve each from the blend, with the weight similarity recomputed under the current
-matching of the neighbouring spaces. A sweep that does not raise the mean merge value is undone (the
-first always counts); the loop stops when a sweep changes nothing, after `patience` sweeps without
-progress, or after `max_sweeps`.
+matching of the neighbouring spaces. A sweep that does not raise the merge value (`solvers`, as the
+reference code defines it) averaged over all spaces is undone (the first always counts); the loop stops
+when a sweep changes nothing, after `patience` sweeps without progress, or after `max_sweeps`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hetmerge.matching.solvers import Solver, merge_value
+from hetmerge.matching.solvers import Matching, Solver
 from hetmerge.matching.transforms import SpaceMerge
 from hetmerge.matching.weight_similarity import weight_correlation
 from hetmerge.models import MultiTaskNet
@@ -27,7 +27,7 @@ from hetmerge.models import MultiTaskNet
 class DualSpaceResult:
     merges: dict[str, SpaceMerge]
     sweeps: int  # weight-space sweeps run (0 when λ = 1)
-    value: float  # mean merge value of the result over all sets of spaces
+    value: float  # mean merge value of the result over all matched spaces
 
 
 def _same(a: SpaceMerge, b: SpaceMerge) -> bool:
@@ -58,7 +58,7 @@ def dual_space_matching(
     if lam > 0 and (activation is None or any(s.name not in activation for m in sets for s in m)):
         raise ValueError("dual-space matching with λ > 0 needs the activation correlation of every space")
 
-    def solve(members: tuple, merges: Mapping[str, SpaceMerge]) -> tuple[list[SpaceMerge], float]:
+    def solve(members: tuple, merges: Mapping[str, SpaceMerge]) -> list[Matching]:
         sims = []
         for space in members:
             if lam == 1:
@@ -66,31 +66,28 @@ def dual_space_matching(
                 continue
             weight = weight_correlation(states, graphs, space.name, merges)
             sims.append(weight if lam == 0 else lam * activation[space.name] + (1 - lam) * weight)
-        found = solver(sims, members, [widths[s.name] for s in members])
-        return found, float(np.mean([merge_value(s, m) for s, m in zip(sims, found, strict=True)]))
+        return solver.scored(sims, members, [widths[s.name] for s in members])
 
     merges: dict[str, SpaceMerge] = dict(fixed)
-    values = [0.0] * len(sets)
+    values: dict[str, float] = {}  # per space, as the reference keeps one value per space
     if lam > 0:
-        for k, members in enumerate(sets):
-            found = solver([activation[s.name] for s in members], members, [widths[s.name] for s in members])
-            merges.update({s.name: m for s, m in zip(members, found, strict=True)})
-            values[k] = float(
-                np.mean([merge_value(activation[s.name], m) for s, m in zip(members, found, strict=True)])
-            )
+        for members in sets:
+            found = solver.scored([activation[s.name] for s in members], members, [widths[s.name] for s in members])
+            merges.update({s.name: m.merge for s, m in zip(members, found, strict=True)})
+            values.update({s.name: m.value for s, m in zip(members, found, strict=True)})
     if lam == 1:
-        return DualSpaceResult(merges, 0, float(np.mean(values)))
+        return DualSpaceResult(merges, 0, float(np.mean(list(values.values()))))
     rng = np.random.default_rng(seed)
     best, best_value = dict(merges), -np.inf  # the activation start was scored without weights: not comparable
     stale = sweeps = 0
     for sweeps in range(1, max_sweeps + 1):  # noqa: B007 (the count is returned)
         changed = False
         for k in rng.permutation(len(sets)):
-            found, values[k] = solve(sets[k], merges)
-            for space, new in zip(sets[k], found, strict=True):
-                changed |= space.name not in merges or not _same(merges[space.name], new)
-                merges[space.name] = new
-        value = float(np.mean(values))
+            for space, new in zip(sets[k], solve(sets[k], merges), strict=True):
+                changed |= space.name not in merges or not _same(merges[space.name], new.merge)
+                merges[space.name] = new.merge
+                values[space.name] = new.value
+        value = float(np.mean(list(values.values())))
         if value > best_value + 1e-12:
             best, best_value, stale = dict(merges), value, 0
         else:

@@ -6,6 +6,14 @@ and enforces a per-model budget of same-model merges. Done literally that is an 
 O×O matrix per step. Here each row's maximum and its first position are cached, and after a merge only
 the rows whose cached maximum was touched are recomputed, which gives the identical sequence of merges,
 ties included, at O(O) work per step in the typical case.
+
+α ≤ 0 is hetmerge's own rule, not the reference code's: a merged unit never merges again, so every merged
+unit has at most two members (the α → 0 limit of the discount, made absolute). MuDSC's
+`default_fusion_weight` instead keeps min(S_i, S_j) undiscounted and blocks the merged unit only against
+the index ranges of its two origin models, and it takes those ranges (m·O_m … (m+1)·O_m) on the already
+shrunken matrix, where they no longer line up with the models' units. There a merged unit can still absorb
+a third model's unit; here it cannot, so α ≤ 0 cannot zip three models of equal width (3d units need 2d
+merges, pairs give at most 1.5d), and the zipit and mudsc methods refuse it.
 """
 
 from __future__ import annotations
@@ -19,10 +27,15 @@ import torch
 
 @dataclass(frozen=True)
 class ZipResult:
-    """`assignment` is the 0/1 membership matrix (Σd_i × m): column k lists the units of merged unit k."""
+    """`assignment` is the 0/1 membership matrix (Σd_i × m): column k lists the units of merged unit k.
+
+    `values` holds the similarity of each pair when it was merged (α-discounted where a member had already
+    merged), in merge order: MuDSC's merge value of a zip is their mean.
+    """
 
     assignment: torch.Tensor
     merges: tuple[tuple[int, int], ...]  # (kept, absorbed) pairs in the order they were made
+    values: torch.Tensor  # (merges,) on the similarity's device
 
 
 def zip_budgets(widths: Sequence[int], beta: float) -> list[int]:
@@ -48,7 +61,7 @@ def greedy_zip(similarity: torch.Tensor, widths: Sequence[int], alpha: float, be
     """Zip Σd_i units of N models down to max(d_i) merged units (ZipIt!, elastic for unequal widths).
 
     `similarity` is the (Σd × Σd) correlation of the concatenated features; it is not modified.
-    α ≤ 0 forbids a merged unit from merging again, as in the reference code.
+    α ≤ 0 forbids a merged unit from merging again (hetmerge's rule; see the module docstring).
     """
     n_units = similarity.shape[0]
     if similarity.shape != (n_units, n_units) or n_units != sum(widths):
@@ -61,8 +74,8 @@ def greedy_zip(similarity: torch.Tensor, widths: Sequence[int], alpha: float, be
     budget = zip_budgets(widths, beta)
     owner = torch.arange(n_units)
     with _single_thread():  # each step is many tiny ops: thread hand-offs cost more than they gain
-        merges = _zip_loop(s, origin, budget, n_units - max(widths), alpha, owner)
-    return ZipResult(_assignment(owner), tuple(merges))
+        merges, values = _zip_loop(s, origin, budget, n_units - max(widths), alpha, owner)
+    return ZipResult(_assignment(owner), tuple(merges), values)
 
 
 @contextlib.contextmanager
@@ -77,11 +90,12 @@ def _single_thread() -> Iterator[None]:
 
 def _zip_loop(
     s: torch.Tensor, origin: torch.Tensor, budget: list[int], steps: int, alpha: float, owner: torch.Tensor
-) -> list[tuple[int, int]]:
-    """The merges, in order; `s` and `owner` are updated in place."""
+) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """The merges, in order, and the similarity each was made at; `s` and `owner` are updated in place."""
     neg_inf = torch.tensor(-torch.inf, dtype=s.dtype)
     row_max, row_arg = s.max(dim=1)
     merges = []
+    values = []
     for _ in range(steps):
         i = int(row_max.argmax())
         best = row_max[i]
@@ -89,8 +103,9 @@ def _zip_loop(
             raise ValueError("no admissible pair is left to merge (budgets and α forbid every remaining merge)")
         j = int(row_arg[i])  # i < j: the first maximum of a symmetric matrix lies above the diagonal
         merges.append((i, j))
+        values.append(best.clone())
         owner[owner == j] = i
-        # α ≤ 0: the merged unit never merges again (as in the reference code)
+        # α ≤ 0: the merged unit never merges again (hetmerge's rule, stricter than the reference code's)
         column = torch.minimum(s[:, i], s[:, j]) * alpha if alpha > 0 else torch.full_like(s[:, i], -torch.inf)
         column[i] = neg_inf
         s[:, i] = column
@@ -112,4 +127,4 @@ def _zip_loop(
                 recompute |= same
         rows = recompute.nonzero().squeeze(1)
         row_max[rows], row_arg[rows] = s.index_select(0, rows).max(dim=1)
-    return merges
+    return merges, torch.stack(values) if values else s.new_empty(0)

@@ -7,13 +7,19 @@ per space. Grouped spaces (attention heads, GroupNorm groups) are matched in two
 scores pairs whole groups (summed over linked spaces, so a head's query/key and value/output units go to
 the same merged head), and units are then aligned or zipped inside each paired group only. Merged groups
 stay contiguous and in model 0's group order, so group boundaries survive the merge.
+
+Each merge comes with MuDSC's merge value, the score a weight-space sweep must raise to be kept, defined as
+in the reference code: for a zip (group zip too), the mean similarity of the merged pairs at the moment each
+was merged (α-discounted once a member had merged); for an alignment (group alignment too), the mean
+similarity of each model's units to the model-0 units they join, averaged over models 1…N−1.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 
@@ -23,25 +29,46 @@ from hetmerge.matching.transforms import SpaceMerge
 from hetmerge.spaces import FeatureSpace, model_slices
 
 
-class Solver(Protocol):
+@dataclass(frozen=True)
+class Matching:
+    """One space's merge and its merge value."""
+
+    merge: SpaceMerge
+    value: float
+
+
+class Solver(abc.ABC):
+    """Similarities of a set of spaces that are matched together → one merge per space."""
+
+    @abc.abstractmethod
+    def scored(
+        self, sims: Sequence[torch.Tensor], spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]
+    ) -> list[Matching]:
+        """The merges with their merge values (which the solver knows best, e.g. a zip's per-step values)."""
+
     def __call__(
         self, sims: Sequence[torch.Tensor], spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]
-    ) -> list[SpaceMerge]: ...
+    ) -> list[SpaceMerge]:
+        return [m.merge for m in self.scored(sims, spaces, widths)]
 
 
-def merge_value(similarity: torch.Tensor, merge: SpaceMerge) -> float:
-    """Mean similarity between members of the same merged unit (MuDSC's merge value), over merged units.
+def alignment_value(similarity: torch.Tensor, merge: SpaceMerge) -> float:
+    """Mean similarity between each merged unit's model-0 member and its model-i member, averaged over i ≥ 1.
 
-    Units with a single member do not count; with none merged at all the value is 0.
+    Pairs of two models other than model 0 do not count (MuDSC's `permute_weight`); 0 for a single model.
     """
-    p = torch.cat(merge.unmerge).to(similarity.dtype)  # (Σd × m) membership
-    sizes = p.sum(0)
-    within = (p * (similarity @ p)).sum(0) - (p * similarity.diagonal()[:, None]).sum(0)
-    pairs = sizes * (sizes - 1)
-    merged = pairs > 0
-    if not merged.any():
-        return 0.0
-    return float((within[merged] / pairs[merged]).mean())
+    rows = model_slices([u.shape[0] for u in merge.unmerge])
+    first = merge.unmerge[0].to(similarity)
+    per_model = [
+        ((first.T @ similarity[rows[0], rows[i]]) * merge.unmerge[i].to(similarity).T).sum(1).mean()
+        for i in range(1, len(rows))
+    ]
+    return float(torch.stack(per_model).mean()) if per_model else 0.0
+
+
+def _zip_value(values: torch.Tensor) -> float:
+    """Mean similarity of a zip's merges when they were made; 0 when nothing was merged."""
+    return float(values.mean()) if len(values) else 0.0
 
 
 def _check_groups(spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]) -> int:
@@ -91,52 +118,62 @@ def pair_groups(sims: Sequence[torch.Tensor], widths: Sequence[Sequence[int]], g
     return GroupPairing(partner, within)
 
 
-def align(
-    sims: Sequence[torch.Tensor], spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]
-) -> list[SpaceMerge]:
+class Align(Solver):
     """Every model permuted onto model 0 by linear assignment, then averaged (group-wise for grouped spaces)."""
-    if spaces[0].groups == 1:
-        return [SpaceMerge.from_permutations(align_to_first(s, w)) for s, w in zip(sims, widths, strict=True)]
-    groups = _check_groups(spaces, widths)
-    pairing = pair_groups(sims, widths, groups)
-    merges = []
-    for s, w in enumerate(widths):
-        size = w[0] // groups
-        perms = [(pairing.partner[i][:, None] * size + pairing.within[s][i]).reshape(-1) for i in range(len(w))]
-        merges.append(SpaceMerge.from_permutations(perms))
-    return merges
+
+    def scored(
+        self, sims: Sequence[torch.Tensor], spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]
+    ) -> list[Matching]:
+        if spaces[0].groups == 1:
+            merges = [SpaceMerge.from_permutations(align_to_first(s, w)) for s, w in zip(sims, widths, strict=True)]
+        else:
+            groups = _check_groups(spaces, widths)
+            pairing = pair_groups(sims, widths, groups)
+            merges = []
+            for s, w in enumerate(widths):
+                size = w[0] // groups
+                perms = [(pairing.partner[i][:, None] * size + pairing.within[s][i]).reshape(-1) for i in range(len(w))]
+                merges.append(SpaceMerge.from_permutations(perms))
+        return [Matching(m, alignment_value(s, m)) for s, m in zip(sims, merges, strict=True)]
+
+
+align = Align()
 
 
 @dataclass(frozen=True)
-class Zip:
+class Zip(Solver):
     """ZipIt!'s greedy zip (α, β as in §2.5), restricted to paired groups for grouped spaces."""
 
     alpha: float
     beta: float
 
-    def __call__(
+    def scored(
         self, sims: Sequence[torch.Tensor], spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]
-    ) -> list[SpaceMerge]:
+    ) -> list[Matching]:
         if spaces[0].groups == 1:
+            zips = [greedy_zip(s, w, self.alpha, self.beta) for s, w in zip(sims, widths, strict=True)]
             return [
-                SpaceMerge.from_assignment(greedy_zip(s, w, self.alpha, self.beta).assignment, w)
-                for s, w in zip(sims, widths, strict=True)
+                Matching(SpaceMerge.from_assignment(z.assignment, w), _zip_value(z.values))
+                for z, w in zip(zips, widths, strict=True)
             ]
         groups = _check_groups(spaces, widths)
         pairing = pair_groups(sims, widths, groups)
-        merges = []
+        found = []
         for sim, w in zip(sims, widths, strict=True):
             n, d = len(w), w[0]
             size = d // groups
             assignment = torch.zeros(n * d, d, dtype=torch.float64)
+            values = []
             for j in range(groups):
                 # rows of the paired groups' units in the concatenated similarity, model by model
                 rows = torch.cat([i * d + pairing.partner[i][j] * size + torch.arange(size) for i in range(n)])
                 sub = sim[rows][:, rows]
-                zipped = greedy_zip(sub, [size] * n, self.alpha, self.beta).assignment
-                assignment[rows[:, None], torch.arange(j * size, (j + 1) * size)] = zipped
-            merges.append(SpaceMerge.from_assignment(assignment, w))
-        return merges
+                zipped = greedy_zip(sub, [size] * n, self.alpha, self.beta)
+                assignment[rows[:, None], torch.arange(j * size, (j + 1) * size)] = zipped.assignment
+                values.append(zipped.values)
+            # the reference averages the merges of all groups alike
+            found.append(Matching(SpaceMerge.from_assignment(assignment, w), _zip_value(torch.cat(values))))
+        return found
 
 
 def make_solver(kind: Literal["align", "zip"], alpha: float, beta: float) -> Solver:

@@ -4,6 +4,9 @@ For a space with merge matrices M_i (m × d_i) and unmerge matrices U_i (d_i × 
 M_i·W along producer axes and W·U_i along consumer axes. M averages the members of each merged unit, so
 tensors with a producer axis are *summed* over models; tensors that only consume (task heads) or touch no
 space are *averaged* over the models that have them.
+
+Matchings are solved on the CPU (LAP, greedy zip); their matrices move to each weight's device where they are
+applied, so a merge runs wherever the models are.
 """
 
 from __future__ import annotations
@@ -63,11 +66,11 @@ class SpaceMerge:
 
 
 def _producer(w: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
-    return torch.movedim(torch.tensordot(matrix.to(w.dtype), w, dims=([1], [axis])), 0, axis)
+    return torch.movedim(torch.tensordot(matrix.to(w.device, w.dtype), w, dims=([1], [axis])), 0, axis)
 
 
 def _consumer(w: torch.Tensor, axis: int, matrix: torch.Tensor) -> torch.Tensor:
-    return torch.movedim(torch.tensordot(w, matrix.to(w.dtype), dims=([axis], [0])), -1, axis)
+    return torch.movedim(torch.tensordot(w, matrix.to(w.device, w.dtype), dims=([axis], [0])), -1, axis)
 
 
 def transform_axis(w: torch.Tensor, axis: int, merge: SpaceMerge, model: int, producer: bool) -> torch.Tensor:

@@ -24,7 +24,7 @@ def _permuted_except(
 ) -> torch.Tensor:
     for axis, (space, _) in graph.axes_of(name).items():
         if axis != skip_axis:
-            w = w.index_select(axis, perms[space.name])
+            w = w.index_select(axis, perms[space.name].to(w.device))
     return w
 
 
@@ -37,6 +37,8 @@ def weight_matching(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Permutations of B's spaces onto A's (perm[k] = B unit for A unit k) and the number of sweeps run.
 
+    Scores are accumulated on the weights' device; permutations are CPU index tensors.
+
     Tensors present in only one model (another task's head) and running statistics do not vote.
     """
     perms = {s.name: torch.arange(s.width) for s in graph.spaces}
@@ -45,6 +47,7 @@ def weight_matching(
         s.name: [r for r in s.axes() if r.role == "weight" and r.param in state_a and r.param in state_b]
         for s in graph.spaces
     }
+    device = next(iter(state_a.values())).device
     a64 = {k: v.double() for k, v in state_a.items() if v.is_floating_point()}
     b64 = {k: v.double() for k, v in state_b.items() if v.is_floating_point()}
     sweeps = 0
@@ -52,12 +55,13 @@ def weight_matching(
         progress = False
         for index in rng.permutation(len(graph.spaces)):
             space = graph.spaces[index]
-            score = torch.zeros(space.width, space.width, dtype=torch.float64)
+            score = torch.zeros(space.width, space.width, dtype=torch.float64, device=device)
             for ref in voters[space.name]:
                 rows_a = _unit_rows(a64[ref.param], ref.axis)
                 rows_b = _unit_rows(_permuted_except(b64[ref.param], ref.param, ref.axis, graph, perms), ref.axis)
                 score += rows_a @ rows_b.T
             old = perms[space.name]
+            score = score.cpu()  # the assignment is solved on the CPU, where the permutations live
             new = best_permutation(score)
             eye = torch.arange(space.width)
             if score[eye, new].sum() > score[eye, old].sum() + 1e-12:

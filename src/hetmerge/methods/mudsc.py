@@ -25,6 +25,7 @@ from hetmerge.methods.base import (
     register,
 )
 from hetmerge.methods.spacewise import assemble, target_architecture
+from hetmerge.methods.zipit import require_alpha_fits
 from hetmerge.models import MultiTaskNet
 
 
@@ -55,6 +56,11 @@ class MuDSC(MergeMethod):
         lams = params.lam_grid if params.lam is None else (params.lam,)
         if not lams or any(not 0.0 <= v <= 1.0 for v in lams):
             raise MergeError(f"method 'mudsc': λ values must lie in [0, 1], got {list(lams)}")
+
+    def check(self, models: Sequence[MultiTaskNet]) -> None:
+        super().check(models)
+        if self.params.solver == "zip":
+            require_alpha_fits(self.name, self.params.alpha, len(models))
 
     def keeps_first_basis(self) -> bool:
         return self.params.solver == "align"
