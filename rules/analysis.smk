@@ -15,6 +15,8 @@ rule lambda_sweep:
         batch_size=COMPUTE["merge_batch_size"],
         device=COMPUTE["device"],
     threads: 1
+    resources:
+        gpu=GPU_SLOTS,
     conda:
         "../envs/hetmerge.yaml"
     log:
@@ -48,6 +50,8 @@ rule landscape:
         batch_size=COMPUTE["merge_batch_size"],
         device=COMPUTE["device"],
     threads: 1
+    resources:
+        gpu=GPU_SLOTS,
     conda:
         "../envs/hetmerge.yaml"
     log:

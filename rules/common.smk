@@ -24,6 +24,9 @@ COMPUTE = config["compute"]
 # parameter is a rerun trigger, and this setting only schedules jobs.
 os.environ.update(HETMERGE_JOBS_PER_GPU=str(COMPUTE["jobs_per_gpu"]))
 SEEDS = config["split"]["seeds"]
+# The `gpu` resource (device slots, see devices.py) of the stages besides training that run torch: one slot
+# where they may use a GPU, none where the config pins the CPU. Training asks for compute.train_gpus.
+GPU_SLOTS = 0 if COMPUTE["device"] == "cpu" else 1
 
 
 wildcard_constraints:

@@ -14,6 +14,8 @@ rule evaluate:
         batch_size=COMPUTE["eval_batch_size"],
         device=COMPUTE["device"],
     threads: 1
+    resources:
+        gpu=GPU_SLOTS,
     conda:
         "../envs/hetmerge.yaml"
     log:

@@ -10,6 +10,8 @@ rule statistics:
         batch_size=COMPUTE["merge_batch_size"],
         device=COMPUTE["device"],
     threads: 1
+    resources:
+        gpu=GPU_SLOTS,
     conda:
         "../envs/hetmerge.yaml"
     log:
@@ -34,6 +36,8 @@ rule merge:
         batch_size=COMPUTE["merge_batch_size"],
         device=COMPUTE["device"],
     threads: 1
+    resources:
+        gpu=GPU_SLOTS,
     conda:
         "../envs/hetmerge.yaml"
     log:

@@ -16,9 +16,11 @@ from fake_cuda import fake_cuda, is_on_fake_cuda
 
 from hetmerge.batchnorm import reset_batchnorm
 from hetmerge.depth import layer_cka
+from hetmerge.matching import solvers
 from hetmerge.merged import MergedModel
 from hetmerge.methods import REGISTRY, MergeContext, build_method
 from hetmerge.models import build_model
+from hetmerge.spaces import FeatureSpace
 from hetmerge.statistics import collect_statistics
 
 SHAPE = (1, 8, 8)
@@ -178,3 +180,18 @@ def test_the_emulation_raises_where_cuda_raises():
         layer = torch.nn.Linear(4, 2).to(dev)
         layer(w).sum().backward()
         assert layer.weight.grad.device == dev
+
+
+@pytest.mark.parametrize("solver", [solvers.align, solvers.Zip(0.5, 1.0)], ids=["align", "zip"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_solvers_take_similarities_from_any_device(device, solver, groups):
+    """Matching runs on the CPU: similarities on cuda:0 give the CPU's merges, as CPU tensors."""
+    gen = torch.Generator().manual_seed(groups)
+    z = torch.randn(8, 30, generator=gen, dtype=torch.float64)
+    sim = (torch.corrcoef(z) + torch.corrcoef(z).T) / 2
+    space = FeatureSpace("h", 4, (), (), "x", groups=groups)
+    (want,) = solver.scored([sim], [space], [(4, 4)])
+    (got,) = solver.scored([sim.to(device)], [space], [(4, 4)])
+    assert got.value == want.value
+    for a, b in zip(got.merge.unmerge + got.merge.merge, want.merge.unmerge + want.merge.merge, strict=True):
+        assert a.device.type == "cpu" and torch.equal(a, b)

@@ -82,7 +82,7 @@ def edited_config(cwd: Path, name: str, edit) -> str:
     config = yaml.safe_load((cwd / TINY).read_text())
     edit(config)
     path = cwd / "config" / "test" / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # method order is the tables' row order
     return str(path.relative_to(cwd))
 
 
@@ -107,6 +107,20 @@ def test_dry_run_plans_every_rule(dry_run):
     assert job_stats(dry_run) == ALL_JOBS
     # --configfile replaces config/config.yaml: none of its architectures or experiments leak in
     assert "fashion_mnist" not in dry_run
+
+
+@pytest.mark.parametrize(("device", "slots"), [("cpu", 0), ("auto", 1), ("cuda:1", 1)])
+def test_torch_stages_ask_for_a_device_slot_unless_on_the_cpu(tmp_path, device, slots):
+    """Statistics, merges, evaluation and the analysis stages take a `gpu` slot wherever they may use a GPU."""
+    cwd = workdir(tmp_path)
+    config = edited_config(cwd, "device", lambda c: c["compute"].update(device=device, train_gpus=1))
+    code, out = snakemake(cwd, "-n", "all", configfile=config)
+    assert code == 0, out
+    jobs = re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", out, flags=re.M)
+    gpu = {rule: re.search(r"gpu=(\d+)", body) for rule, body in jobs}
+    for rule in ("statistics", "merge", "evaluate", "lambda_sweep", "landscape"):
+        assert (int(gpu[rule].group(1)) if gpu[rule] else 0) == slots, rule
+    assert int(gpu["train"].group(1)) == 1 and gpu["report"] is None
 
 
 def test_schema_is_validated_without_warnings(dry_run):

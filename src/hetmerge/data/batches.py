@@ -14,14 +14,30 @@ import torch
 import torch.nn.functional as F
 
 
-def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Map uint8 pixels of shape (..., C, H, W) to float32 `(x / 255 - mean) / std` per channel."""
+def channel_stats(
+    mean: Sequence[float], std: Sequence[float], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std as (C, 1, 1) float32 tensors on `device`: made once, not per batch (on a GPU
+    each is a host-to-device copy that stalls the stream)."""
+    if len(mean) != len(std):
+        raise ValueError(f"mean/std have {len(mean)}/{len(std)} values")
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float32, device=device).view(-1, 1, 1) for v in (mean, std))
+    return mean_t, std_t
+
+
+def normalize(
+    images_uint8: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """Map uint8 pixels of shape (..., C, H, W) to float32 `(x / 255 - mean) / std` per channel.
+
+    `mean`/`std` are sequences, or tensors from `channel_stats` on the images' device.
+    """
     channels = images_uint8.shape[-3]
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"mean/std have {len(mean)}/{len(std)} values for {channels} channels")
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images_uint8.device).view(-1, 1, 1)
-    return (images_uint8.float() / 255 - mean_t) / std_t
+    if not isinstance(mean, torch.Tensor) or not isinstance(std, torch.Tensor):
+        mean, std = channel_stats(mean, std, images_uint8.device)
+    return (images_uint8.float() / 255 - mean) / std
 
 
 def make_label_map(label_map: Mapping[int, int], num_classes: int) -> torch.Tensor:
@@ -88,6 +104,7 @@ def iterate_batches(
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
     lookup = None if label_map is None else label_map.to(labels.device)
+    mean_t, std_t = channel_stats(mean, std, device)
     order = torch.as_tensor(indices, dtype=torch.int64)
     if generator is not None:
         order = order[torch.randperm(len(order), generator=generator)]
@@ -103,4 +120,4 @@ def iterate_batches(
         x = images[batch_indices].to(device)
         if augment:
             x = _random_crop_flip(x, padding, hflip, generator)
-        yield normalize(x, mean, std), y.to(device)
+        yield normalize(x, mean_t, std_t), y.to(device)

@@ -38,13 +38,24 @@ class Matching:
 
 
 class Solver(abc.ABC):
-    """Similarities of a set of spaces that are matched together → one merge per space."""
+    """Similarities of a set of spaces that are matched together → one merge per space.
 
-    @abc.abstractmethod
+    Matching runs on the CPU whatever device the similarities come from: the assignment is scipy's, and the
+    greedy zip is a long chain of tiny sequential steps that a GPU would only slow down. The merges' matrices
+    move to each weight's device where they are applied (`transforms`).
+    """
+
     def scored(
         self, sims: Sequence[torch.Tensor], spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]
     ) -> list[Matching]:
         """The merges with their merge values (which the solver knows best, e.g. a zip's per-step values)."""
+        return self.match([s.detach().cpu() for s in sims], spaces, widths)
+
+    @abc.abstractmethod
+    def match(
+        self, sims: Sequence[torch.Tensor], spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]
+    ) -> list[Matching]:
+        """`scored` on CPU similarities."""
 
     def __call__(
         self, sims: Sequence[torch.Tensor], spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]
@@ -121,7 +132,7 @@ def pair_groups(sims: Sequence[torch.Tensor], widths: Sequence[Sequence[int]], g
 class Align(Solver):
     """Every model permuted onto model 0 by linear assignment, then averaged (group-wise for grouped spaces)."""
 
-    def scored(
+    def match(
         self, sims: Sequence[torch.Tensor], spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]
     ) -> list[Matching]:
         if spaces[0].groups == 1:
@@ -147,7 +158,7 @@ class Zip(Solver):
     alpha: float
     beta: float
 
-    def scored(
+    def match(
         self, sims: Sequence[torch.Tensor], spaces: Sequence[FeatureSpace], widths: Sequence[Sequence[int]]
     ) -> list[Matching]:
         if spaces[0].groups == 1:
