@@ -25,9 +25,9 @@ rule lambda_sweep:
         f"{RESULTS}/benchmarks/lambda_sweep/{DATASET}/s{{seed}}/{{experiment}}/{{method}}.tsv"
     shell:
         "python -m hetmerge sweep --data {input.data:q} --split {input.split:q} --models {input.models:q} "
-        "--stats {input.stats:q} --method {params.method} --params {params.params:q} --param lam "
-        "--values {params.values} --selectable {params.selectable} --record {params.record:q} "
-        "--batch-size {params.batch_size} --seed {wildcards.seed} --device {params.device} --threads {threads} "
+        "--stats {input.stats:q} --method {params.method:q} --params {params.params:q} --param lam "
+        "--values {params.values:q} --selectable {params.selectable:q} --record {params.record:q} "
+        "--batch-size {params.batch_size:q} --seed {wildcards.seed:q} --device {params.device:q} --threads {threads} "
         "--out {output:q} > {log:q} 2>&1"
 
 
@@ -61,5 +61,6 @@ rule landscape:
     shell:
         "python -m hetmerge landscape --data {input.data:q} --split {input.split:q} --models {input.models:q} "
         "--merges {input.merges:q} --keys {params.rows:q} --labels {params.labels:q} --plane {params.plane:q} "
-        "--steps {params.steps} --per-task {params.per_task} --record {params.record:q} "
-        "--batch-size {params.batch_size} --device {params.device} --threads {threads} --out {output:q} > {log:q} 2>&1"
+        "--steps {params.steps:q} --per-task {params.per_task:q} --record {params.record:q} "
+        "--batch-size {params.batch_size:q} --device {params.device:q} --threads {threads} "
+        "--out {output:q} > {log:q} 2>&1"

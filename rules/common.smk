@@ -2,13 +2,16 @@
 import json
 import os
 import string
+import sys
+import warnings
 
 from snakemake.exceptions import WorkflowError
 
-from hetmerge.methods import REGISTRY, build_method
+from hetmerge.methods import REGISTRY, MergeError, build_method
+from hetmerge.methods.zipit import ZipBudgetWarning, ZipMethod
 from hetmerge.data import dataset_info
 from hetmerge.models import build_model
-from hetmerge.params import ParameterError, as_dict, parse_params
+from hetmerge.params import as_dict, parse_params
 from hetmerge.training import TrainSettings
 
 # Rules run `python -m hetmerge` from this checkout (no install needed, e.g. in the conda env). This sets
@@ -42,18 +45,22 @@ def tasks_of(experiment):
 
 
 def _check_config():
-    """Fail at start-up, naming the key, for anything the JSON schema cannot know (registered names)."""
-    try:
-        shape = dataset_info(DATASET).input_shape
-        for name, arch in config["architectures"].items():
-            build_model(arch["family"], arch["spec"], shape, {"A": 2})
+    """Fail at start-up, naming the key, for anything the JSON schema cannot know: registered names, parameter
+    types and ranges, and whether each experiment's methods can merge its models at all, so an experiment that
+    can never run is refused before its models are trained."""
+    shape = dataset_info(DATASET).input_shape
+    nets = {}  # one freshly built network per architecture: what a method's check needs (widths, spaces)
+    for name, arch in config["architectures"].items():
+        try:
+            nets[name] = build_model(arch["family"], arch["spec"], shape, {"A": 2})
             train_settings(name)
-        for name, entry in config["methods"].items():
+        except ValueError as err:
+            raise WorkflowError(f"config error in architectures.{name}: {err}") from err
+    for name, entry in config["methods"].items():
+        try:
             build_method(entry["method"], entry["params"])
-    except ParameterError as err:
-        raise WorkflowError(f"config error in {name!r}: {err}") from err
-    except ValueError as err:
-        raise WorkflowError(f"config error in architectures.{name}: {err}") from err
+        except ValueError as err:
+            raise WorkflowError(f"config error in methods.{name}: {err}") from err
     for name, exp in config["experiments"].items():
         for arch in exp["models"]:
             if arch not in config["architectures"]:
@@ -61,6 +68,7 @@ def _check_config():
         for method in exp["methods"]:
             if method not in config["methods"]:
                 raise WorkflowError(f"experiments.{name}.methods: unknown method {method!r}")
+            _check_merge(name, method, [nets[arch] for arch in exp["models"]])
         for method in exp["lambda_sweep"]:
             entry = config["methods"].get(method, {})
             if method not in exp["methods"] or entry["method"] != "mudsc" or "lam" in entry["params"]:
@@ -75,6 +83,37 @@ def _check_config():
                 raise WorkflowError(f"experiments.{name}.landscape: {plane!r} must be a fully merged row of it")
             if len(exp["models"]) != 2:
                 raise WorkflowError(f"experiments.{name}.landscape: the plane needs exactly two models")
+
+
+def _check_merge(experiment, row, models):
+    """The method's own check on freshly built models of the experiment's architectures: model counts,
+    structure, and zip feasibility (a zip no similarity can finish is refused; one that β does not guarantee
+    is reported, with the β that does)."""
+    method = config["methods"][row]["method"]
+    cls = REGISTRY[method]
+    n = len(models)
+    if n < cls.min_models or (cls.max_models is not None and n > cls.max_models):
+        if cls.max_models is None:
+            counts = f"{cls.min_models} or more"
+        elif cls.min_models == cls.max_models:
+            counts = f"exactly {cls.min_models}"
+        else:
+            counts = f"{cls.min_models} to {cls.max_models}"
+        raise WorkflowError(
+            f"experiments.{experiment}.methods: {row!r} (method {method!r}) merges {counts} models, "
+            f"but the experiment has {n} ({config['experiments'][experiment]['models']}); "
+            "remove the row or change the experiment's models"
+        )
+    merger = build_method(method, config["methods"][row]["params"])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ZipBudgetWarning)  # reported below, naming the experiment
+            merger.check(models)
+        note = merger.zip_note(models) if isinstance(merger, ZipMethod) else None
+    except MergeError as err:
+        raise WorkflowError(f"experiments.{experiment}.methods: {row!r} cannot merge its models: {err}") from err
+    if note is not None:
+        print(f"warning: experiments.{experiment}, row {row!r}: {note}", file=sys.stderr)
 
 
 def train_settings(arch):

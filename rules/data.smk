@@ -13,8 +13,8 @@ rule dataset:
     log:
         f"{RESULTS}/logs/dataset/{DATASET}.log",
     shell:
-        "python -m hetmerge data --dataset {params.dataset} --roots {params.roots:q} {params.download} {params.verify} "
-        "--download-root {params.download_root:q} --out {output:q} > {log:q} 2>&1"
+        "python -m hetmerge data --dataset {params.dataset:q} --roots {params.roots:q} "
+        "{params.download:q} {params.verify:q} --download-root {params.download_root:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule split:
@@ -32,6 +32,6 @@ rule split:
     log:
         f"{RESULTS}/logs/split/{DATASET}/t{{ntasks}}-s{{seed}}.log",
     shell:
-        "python -m hetmerge split --data {input:q} --seed {wildcards.seed} --num-tasks {wildcards.ntasks} "
-        "--merge-per-class {params.merge_per_class} --train-per-task {params.train_per_task:q} "
+        "python -m hetmerge split --data {input:q} --seed {wildcards.seed:q} --num-tasks {wildcards.ntasks:q} "
+        "--merge-per-class {params.merge_per_class:q} --train-per-task {params.train_per_task:q} "
         "--test-per-task {params.test_per_task:q} --out {output:q} > {log:q} 2>&1"

@@ -24,5 +24,5 @@ rule evaluate:
         f"{RESULTS}/benchmarks/evaluate/{DATASET}/s{{seed}}/{{experiment}}.tsv"
     shell:
         "python -m hetmerge evaluate --data {input.data:q} --split {input.split:q} --models {input.models:q} "
-        "--records {params.records:q} --batch-size {params.batch_size} --device {params.device} "
+        "--records {params.records:q} --batch-size {params.batch_size:q} --device {params.device:q} "
         "--threads {threads} --out {output:q} > {log:q} 2>&1"

@@ -20,7 +20,8 @@ rule statistics:
         f"{RESULTS}/benchmarks/statistics/{DATASET}/s{{seed}}/{{experiment}}.tsv"
     shell:
         "python -m hetmerge statistics --data {input.data:q} --split {input.split:q} --models {input.models:q} "
-        "--batch-size {params.batch_size} --device {params.device} --threads {threads} --out {output:q} > {log:q} 2>&1"
+        "--batch-size {params.batch_size:q} --device {params.device:q} --threads {threads} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule merge:
@@ -32,7 +33,7 @@ rule merge:
     params:
         method=lambda wc: config["methods"][wc.method]["method"],
         params=lambda wc: as_json(config["methods"][wc.method]["params"]),
-        stats=lambda wc, input: f"--stats {input.stats}" if "stats" in input.keys() else "",
+        stats=lambda wc, input: ["--stats", input.stats] if "stats" in input.keys() else [],
         batch_size=COMPUTE["merge_batch_size"],
         device=COMPUTE["device"],
     threads: 1
@@ -46,5 +47,5 @@ rule merge:
         f"{RESULTS}/benchmarks/merge/{DATASET}/s{{seed}}/{{experiment}}/{{method}}.tsv"
     shell:
         "python -m hetmerge merge --data {input.data:q} --split {input.split:q} --models {input.models:q} "
-        "--method {params.method} --params {params.params:q} {params.stats} --batch-size {params.batch_size} "
-        "--seed {wildcards.seed} --device {params.device} --threads {threads} --out {output:q} > {log:q} 2>&1"
+        "--method {params.method:q} --params {params.params:q} {params.stats:q} --batch-size {params.batch_size:q} "
+        "--seed {wildcards.seed:q} --device {params.device:q} --threads {threads} --out {output:q} > {log:q} 2>&1"

@@ -1,5 +1,8 @@
 rule train:
-    """One base model on one task. Claims a free GPU itself when several are visible (see devices.py)."""
+    """One base model on one task. Claims a free GPU itself when several are visible (see devices.py).
+
+    Training state is kept next to the output (`<output>.resume`, not an output: a failed job keeps it and the
+    rerun resumes) and deleted once the model is saved."""
     input:
         data=data_path(),
         split=split_path("{ntasks}", "{seed}"),
@@ -11,7 +14,6 @@ rule train:
         ),
         train=lambda wc: as_json(train_settings(wc.arch)),
         seed=lambda wc: 1000 * int(wc.seed) + 100 * int(wc.ntasks) + string.ascii_uppercase.index(wc.task),
-        resume_dir=f"{RESULTS}/resume",
         device=COMPUTE["device"],
     threads: COMPUTE["train_threads"]
     resources:
@@ -23,7 +25,7 @@ rule train:
     benchmark:
         f"{RESULTS}/benchmarks/train/{DATASET}/t{{ntasks}}-s{{seed}}/{{arch}}-{{task}}.tsv"
     shell:
-        "python -m hetmerge train --data {input.data:q} --split {input.split:q} --task {wildcards.task} "
-        "--model {params.model:q} --train {params.train:q} --seed {params.seed} "
-        "--resume-dir {params.resume_dir:q} --device {params.device} --threads {threads} "
+        "python -m hetmerge train --data {input.data:q} --split {input.split:q} --task {wildcards.task:q} "
+        "--model {params.model:q} --train {params.train:q} --seed {params.seed:q} "
+        "--device {params.device:q} --threads {threads} "
         "--out {output:q} > {log:q} 2>&1"

@@ -60,3 +60,25 @@ def test_plain_tensor_loader_and_ensemble(models):
 def test_bn_reset_without_data_says_so(models):
     with pytest.raises(MergeError, match="needs data"):
         hetmerge.api.merge(list(models), "average")
+
+
+def test_a_one_shot_generator_as_data_is_refused(models, loader):
+    """A generator would be used up by the statistics pass, leaving the BatchNorm reset nothing to read."""
+    for data in ((x for x, _ in loader), iter(list(loader)), map(lambda b: b[0], loader)):
+        with pytest.raises(
+            TypeError, match=r"data is a one-shot iterator \(\w+\).*pass a list of batches or a DataLoader"
+        ):
+            hetmerge.api.merge(list(models), "zipit", data=data)
+    hetmerge.api.merge(list(models), "zipit", data=[x for x, _ in loader])  # a list is read again every pass
+
+
+def test_a_plain_torch_module_is_refused(models, loader):
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5))
+    with pytest.raises(
+        TypeError,
+        match=r"model 1 is a torch\.nn\.modules\.container\.Sequential, not a hetmerge "
+        r"MultiTaskNet: build it with hetmerge\.build_model",
+    ):
+        hetmerge.api.merge([models[0], plain], "average", data=loader)
+    with pytest.raises(TypeError, match="merge takes a list of models, got a single VGG"):
+        hetmerge.api.merge(models[0], "average", data=loader)

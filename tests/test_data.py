@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import io
+import json
+import os
 import pickle
+import pickletools
+import re
 import struct
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +196,65 @@ def test_truncated_cifar_pickle_names_file(tmp_path: Path) -> None:
         load("cifar10", tmp_path)
 
 
+class _Payload:
+    """Unpickling this runs `function(argument)`: what a tampered batch file would do."""
+
+    def __init__(self, function: Callable[[str], object], argument: str) -> None:
+        self.function, self.argument = function, argument
+
+    def __reduce__(self) -> tuple[Callable[[str], object], tuple[str]]:
+        return self.function, (self.argument,)
+
+
+@pytest.mark.parametrize("how", ["os.system", "builtins.exec"])
+def test_unverified_cifar_pickle_cannot_run_code(tmp_path: Path, how: str) -> None:
+    write_cifar10(tmp_path, np.random.default_rng(1))
+    marker = tmp_path / "pwned"
+    payload = (
+        _Payload(os.system, f"touch {marker}")
+        if how == "os.system"
+        else _Payload(exec, f"open({str(marker)!r}, 'w').close()")
+    )
+    write_pickle(tmp_path / "data_batch_1", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"x": payload})
+    # The global as the file names it: protocol 2 writes `posix.system` and `__builtin__.exec`.
+    expected = rf"refusing to unpickle \w+\.{how.split('.')[1]} from {re.escape(str(tmp_path / 'data_batch_1'))}: "
+    with pytest.raises(DatasetCorruptError, match=expected):
+        load("cifar10", tmp_path, verify=False)
+    assert not marker.exists()
+
+
+class _Python2Pickler(pickle._Pickler):  # type: ignore[name-defined]  # the pure-Python pickler can be extended
+    """Writes bytes as Python 2 wrote its `str` (SHORT_BINSTRING / BINSTRING), like the official CIFAR files."""
+
+    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+
+    def save_str_py2(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_str_py2
+
+
+def test_official_cifar_pickle_format_loads_unverified(tmp_path: Path) -> None:
+    """The official batches were pickled by Python 2 and numpy 1: `numpy.core.multiarray._reconstruct`,
+    `numpy.ndarray` and `numpy.dtype` are their only globals, and the restricted unpickler admits them."""
+    train, train_labels, test = write_cifar10(tmp_path, np.random.default_rng(3))
+    for path in sorted(tmp_path.iterdir()):
+        buffer = io.BytesIO()
+        _Python2Pickler(buffer, protocol=2).dump(pickle.loads(path.read_bytes()))
+        data = buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+        globals_used = {arg for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+        assert globals_used <= {"numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype"}, path
+        path.write_bytes(data)
+    ds = load("cifar10", tmp_path, verify=False)
+    assert torch.equal(ds.train_images.reshape(10, -1), torch.from_numpy(train))
+    assert ds.train_labels.tolist() == train_labels and ds.classes[-1] == "truck"
+    assert torch.equal(ds.test_images.reshape(3, -1), torch.from_numpy(test))
+
+
 def test_unavailable_without_download(tmp_path: Path) -> None:
     (tmp_path / "b" / "MNIST" / "raw").mkdir(parents=True)
     (tmp_path / "b" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").write_bytes(b"")
@@ -199,7 +264,7 @@ def test_unavailable_without_download(tmp_path: Path) -> None:
     message = str(info.value)
     for directory in (tmp_path / "a", tmp_path / "b" / "MNIST" / "raw", tmp_path / "dl"):
         assert f"  {directory}\n" in message
-    assert "'mnist'" in message and "data.roots" in message and "network access" in message
+    assert "'mnist'" in message and "`dataset.roots`" in message and "network access" in message
     assert "Downloading is disabled" in message
     assert "incomplete copy (missing: train-labels-idx1-ubyte" in message
 
@@ -213,7 +278,7 @@ def test_download_failure_gives_same_clear_error(tmp_path: Path, monkeypatch: py
         load_dataset("fashion_mnist", [tmp_path / "a"], download=True, download_root=tmp_path / "dl")
     message = str(info.value)
     assert "URLError" in message and "no network" in message
-    assert str(tmp_path / "a") in message and "data.roots" in message and "network access" in message
+    assert str(tmp_path / "a") in message and "`dataset.roots`" in message and "network access" in message
     assert isinstance(info.value.__cause__, urllib.error.URLError)
 
 
@@ -274,6 +339,26 @@ def test_prepared_corrupt_files_name_the_file(tmp_path: Path) -> None:
         load_prepared(path)
     save_file({"train_images": ds.train_images}, str(path), metadata={"hetmerge": "{}"})
     with pytest.raises(DatasetCorruptError, match=f"{path}: missing tensors train_labels"):
+        load_prepared(path)
+
+
+def test_prepared_flipped_bytes_are_caught(tmp_path: Path) -> None:
+    """Damaged pixels fail with the file and the tensor named instead of training on wrong images."""
+    ds = load_dataset("digits", [], download=False, download_root=tmp_path)
+    path = tmp_path / "digits.safetensors"
+    save_prepared(ds, path)
+    raw = bytearray(path.read_bytes())
+    start = raw.find(ds.train_images.numpy().tobytes())
+    for i in range(start + 1000, start + 1060):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    message = "tensor 'train_images' does not match its checksum; the file is corrupt; delete it and rerun the job"
+    with pytest.raises(DatasetCorruptError, match=f"{path}: {message} that made it"):
+        load_prepared(path)
+    tensors = {key: getattr(ds, key) for key in ("train_images", "train_labels", "test_images", "test_labels")}
+    meta = {"format_version": 1, "name": ds.name, "classes": list(ds.classes), "mean": ds.mean, "std": ds.std}
+    save_file(tensors, str(path), metadata={"hetmerge": json.dumps({**meta, "hflip": ds.hflip})})  # pre-checksum
+    with pytest.raises(DatasetCorruptError, match=f"{path} has no checksums: .*rerun the job that made it"):
         load_prepared(path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -16,12 +17,13 @@ from hetmerge.api import merge
 from hetmerge.batchnorm import reset_batchnorm
 from hetmerge.evaluation import cost
 from hetmerge.matching.assignment import align_to_first, best_permutation
-from hetmerge.matching.greedy_zip import greedy_zip, zip_budgets
+from hetmerge.matching.greedy_zip import greedy_zip, min_beta, zip_budgets, zip_guaranteed, zip_possible
 from hetmerge.matching.transforms import SpaceMerge
 from hetmerge.matching.weight_matching import weight_matching
 from hetmerge.merged import MergedModel, UnitMap
 from hetmerge.methods import MergeContext, MergeError, build_method
 from hetmerge.methods.spacewise import assemble
+from hetmerge.methods.zipit import ZipBudgetWarning
 from hetmerge.models import MultiTaskNet, build_model
 from hetmerge.spaces import SpaceGraph, permute_state
 from hetmerge.statistics import SpaceStats, collect_statistics
@@ -35,8 +37,8 @@ CPU = torch.device("cpu")
 
 
 @st.composite
-def zip_problems(draw):
-    n_models = draw(st.integers(2, 3))
+def zip_problems(draw, max_models=3):
+    n_models = draw(st.integers(2, max_models))
     if draw(st.booleans()):
         widths = [draw(st.integers(1, 12))] * n_models
     else:
@@ -120,9 +122,7 @@ def test_greedy_zip_rejects_a_matrix_that_does_not_fit():
         greedy_zip(torch.zeros(4, 3, dtype=torch.float64), [2, 2], 0.3, 0.1)
 
 
-@pytest.mark.parametrize(
-    ("method", "params"), [("zipit", {"alpha": 0.0}), ("zipit", {"alpha": -1.0}), ("mudsc", {"alpha": 0.0, "lam": 0.5})]
-)
+@pytest.mark.parametrize(("method", "params"), [("zipit", {"alpha": 0.0}), ("mudsc", {"alpha": 0.0, "lam": 0.5})])
 def test_alpha_at_most_0_refuses_three_models(method, params):
     """α ≤ 0 never merges a merged unit again, so 3d units cannot shrink to d; two models are fine."""
     trio = [build_model("mlp", {"hidden": [4]}, (1, 1, 2), {"A": 1}) for _ in range(3)]
@@ -142,6 +142,90 @@ def test_zip_budgets_follow_the_reference_formula():
     assert zip_budgets([16, 16], 0.125) == [1, 1]  # int((16·16 // 32) · 0.125 + 1e-4) = int(1.0001)
     assert zip_budgets([10, 10, 10], 0.5) == [3, 3, 3]  # to_remove 20: (200 // 30) · 0.5 = 3
     assert zip_budgets([3, 5], 0.0) == [0, 0]
+
+
+@settings(max_examples=400, deadline=None)
+@given(zip_problems(max_models=4), st.sampled_from([i / 16 for i in range(17)]))
+@example((np.zeros((9, 9)), [3, 3, 3], 0.3, 0.0), 0.0)
+@example((np.zeros((9, 9)), [3, 3, 3], 0.0, 0.0), 1.0)
+def test_a_guaranteed_zip_finishes_and_an_impossible_one_never_does(problem, beta):
+    """zip_guaranteed is sufficient for every similarity, zip_possible necessary; between them (β below the
+    bound) the similarities decide, so no β bound can be both (test_the_beta_bound_is_tight_for_three_models)."""
+    sims, widths, alpha, _ = problem
+    try:
+        greedy_zip(torch.from_numpy(sims), widths, alpha, beta)
+    except ValueError as err:
+        assert not zip_guaranteed(widths, alpha, beta), (widths, alpha, beta)
+        assert "no admissible pair is left" in str(err)
+    else:
+        assert zip_possible(widths, alpha), (widths, alpha)
+
+
+def triangle_trap(d: int, beta: float) -> torch.Tensor:
+    """Similarities that make the greedy zip of three width-d models spend every same-model budget first and then
+    pair the leftovers across models in a triangle (0+1, 0+2, 1+2): all pairs left share a spent model."""
+    b = max(zip_budgets([d] * 3, beta)[0], 1)
+    s = torch.zeros(3 * d, 3 * d, dtype=torch.float64)
+    seeds = []
+    for m in range(3):
+        for j in range(b):  # the budget's same-model merges, first (0.9 beats everything else)
+            s[m * d + 2 * j, m * d + 2 * j + 1] = 0.9
+        seeds.append([[m * d + 2 * j, m * d + 2 * j + 1] for j in range(b)] + [[m * d + k] for k in range(2 * b, d)])
+    half = (d - b) // 2
+    pairs = [(0, k, 1, k) for k in range(half)] + [(0, half + k, 2, k) for k in range(half)]
+    pairs += [(1, half + k, 2, half + k) for k in range(half)]
+    if (d - b) % 2:  # the odd seeds left form one triple
+        pairs += [(0, -1, 1, -1), (0, -1, 2, -1), (1, -1, 2, -1)]
+    for m, i, n, k in pairs:
+        s[torch.tensor(seeds[m][i])[:, None], torch.tensor(seeds[n][k])] = 0.5
+    return s + s.T
+
+
+@pytest.mark.parametrize("d", [2, 3, 4, 5, 8, 9, 16, 32])
+@pytest.mark.parametrize("alpha", [1e-3, 0.3, 1.0])
+def test_the_beta_bound_is_tight_for_three_models(d, alpha):
+    """Below min_beta some similarity makes the zip of three models fail; from it on none does."""
+    for beta in [i / 64 for i in range(65)]:
+        if 2 * max(zip_budgets([d] * 3, beta)[0], 1) > d:  # budgets beyond half the width: nothing to trap
+            assert zip_guaranteed([d] * 3, alpha, beta)
+            continue
+        try:
+            greedy_zip(triangle_trap(d, beta), [d] * 3, alpha, beta)
+            finished = True
+        except ValueError:
+            finished = False
+        assert finished == zip_guaranteed([d] * 3, alpha, beta) == (beta >= min_beta([d] * 3, alpha)), (d, beta)
+
+
+def test_min_beta_for_three_models_and_the_zip_error_names_it():
+    """README's α 0.3, β 0.125 cannot guarantee three models: 0.6, 0.5, 0.524 and 0.5 do for widths 8 to 64
+    (random correlations already finish at about 0.41, 0.31 and 0.2 for 8, 16 and 32: the bound is the worst case)."""
+    assert [min_beta([d] * 3, 0.3) for d in (8, 16, 32, 64)] == [0.6, 0.5, 0.524, 0.5]
+    assert min_beta([8, 8], 0.3) == min_beta([8, 8], 0.0) == 0.0  # two models always zip
+    assert min_beta([8] * 3, 0.0) is None and not zip_possible([8] * 3, 0.0)  # α = 0: pairs only
+    assert zip_possible([16, 4, 4], 0.0)  # unless the widest model holds half the units
+    for d in (8, 16, 32, 64):
+        needed = min_beta([d] * 3, 0.3)
+        assert zip_guaranteed([d] * 3, 0.3, needed) and not zip_guaranteed([d] * 3, 0.3, needed - 0.01)
+    with pytest.raises(ValueError) as info:
+        greedy_zip(triangle_trap(8, 0.125), [8] * 3, 0.3, 0.125)
+    assert str(info.value) == (
+        "no admissible pair is left to merge after 14 of 16 merges of 3 models of widths [8, 8, 8]: β = 0.125 allows "
+        "[1, 1, 1] same-model merges per model, and every pair left would merge units of a model whose budget is "
+        "spent; β ≥ 0.6 always zips these widths"
+    )
+    with pytest.raises(ValueError, match=r"α = 0\.0 ≤ 0 never merges a merged unit again, so these widths need α > 0"):
+        greedy_zip(torch.zeros(9, 9, dtype=torch.float64), [3, 3, 3], 0.0, 0.5)
+
+
+def test_zipit_warns_where_beta_does_not_guarantee_the_zip():
+    trio = [build_model("mlp", {"hidden": [16]}, (1, 1, 2), {"A": 1}) for _ in range(3)]
+    with pytest.warns(ZipBudgetWarning, match=r"β = 0.125 does not guarantee .* widths \[16, 16, 16\].*β ≥ 0.5"):
+        build_method("zipit", {"alpha": 0.3, "beta": 0.125}).check(trio)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_method("zipit", {"alpha": 0.3, "beta": 0.5}).check(trio)
+        build_method("zipit", {"alpha": 0.3, "beta": 0.0}).check(trio[:2])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -329,10 +413,16 @@ def test_alignment_recovers_a_permuted_copy(family, method, models, data):
     ("method", "params"), [("permute", {}), ("weight_matching", {}), ("zipit", {"alpha": 1.0, "beta": 0.0})]
 )
 def test_three_model_merge_of_permuted_copies(family, method, params, models, data):
-    """α = 1 keeps a merged pair's similarity to its third copy at 1, so triples form before anything else."""
+    """α = 1 keeps a merged pair's similarity to its third copy at 1, so triples form before anything else.
+
+    β = 0 does not guarantee a zip of three models (the method warns), but copies never need a same-model merge.
+    """
     model = models[family]
     trio = [model, permuted_copy(model, 11), permuted_copy(model, 12)]
-    merged = merge(trio, method, {**params, "reset_bn": False}, data=data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = merge(trio, method, {**params, "reset_bn": False}, data=data)
+    assert [w.category for w in caught] == ([ZipBudgetWarning] if method == "zipit" else [])
     assert_same_function(merged, model, data)
 
 

@@ -11,6 +11,7 @@ from hetmerge.batchnorm import reset_batchnorm
 from hetmerge.merged import MergedModel
 from hetmerge.methods import REGISTRY, MergeContext, MergeError, build_method
 from hetmerge.params import ParameterError
+from hetmerge.statistics import SpaceStats, collect_statistics
 
 SPEC = {"depth": 11, "width": 0.0625}
 
@@ -136,3 +137,81 @@ def test_ensemble_of_three_models(make_model, ctx):
 def test_a_single_model_is_not_a_merge(method, pair, ctx):
     with pytest.raises(MergeError, match=f"'{method}' merges at least 2.*got 1"):
         build_method(method, {"reset_bn": False})([pair[0]], ctx)
+
+
+# Per method: parameters under which it would merge two tiny MLPs (so only the checks under test stop it).
+MLP_PARAMS = {
+    "average": {},
+    "ensemble": {},
+    "permute": {},
+    "weight_matching": {},
+    "zipit": {},
+    "mudsc": {"lam": 0.5, "max_sweeps": 2},
+    "hetero": {},
+}
+
+
+def test_every_method_is_covered_by_the_input_checks():
+    assert set(MLP_PARAMS) == set(REGISTRY)
+
+
+@pytest.mark.parametrize("method", sorted(MLP_PARAMS))
+def test_a_head_name_with_two_class_counts_is_refused(method, make_model, ctx):
+    """Heads are joined by name: head 'A' with 5 outputs in one model and 3 in another used to crash in stack."""
+    a = make_model("mlp", {"hidden": [8]}, {"A": 5}, seed=1)
+    b = make_model("mlp", {"hidden": [8]}, {"A": 3, "B": 2}, seed=2)
+    with pytest.raises(MergeError, match=rf"'{method}': head 'A' has 5 classes in model 0 but 3 in model 1"):
+        build_method(method, MLP_PARAMS[method])([a, b], ctx)
+
+
+@pytest.mark.parametrize("method", sorted(MLP_PARAMS))
+def test_models_of_different_input_shapes_are_refused(method, make_model, ctx):
+    a = make_model("mlp", {"hidden": [8]}, {"A": 5}, input_shape=(1, 8, 8))
+    b = make_model("mlp", {"hidden": [8]}, {"B": 5}, input_shape=(1, 28, 28))
+    with pytest.raises(MergeError, match=rf"'{method}': model 0 takes inputs of shape \(1, 8, 8\) but model 1 takes "):
+        build_method(method, MLP_PARAMS[method])([a, b], ctx)
+
+
+@pytest.mark.parametrize("method", sorted(MLP_PARAMS))
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_model_is_refused(method, value, make_model, ctx):
+    """Average used to return a model answering NaN; zipit and mudsc failed with "symmetrise the matrix"."""
+    a = make_model("mlp", {"hidden": [8]}, {"A": 5}, seed=1)
+    b = make_model("mlp", {"hidden": [8]}, {"B": 5}, seed=2)
+    with torch.no_grad():
+        b.body.fc0.linear.weight[3, 2] = value
+    with pytest.raises(MergeError, match=rf"'{method}': model 1 holds NaN or inf in \['body\.fc0\.linear\.weight'\]"):
+        build_method(method, MLP_PARAMS[method])([a, b], ctx)
+
+
+def test_a_merge_that_overflows_is_refused_naming_the_tensor(make_model, ctx):
+    """Finite models whose mean overflows float32: the merged weight is inf, and no model comes back."""
+    a = make_model("mlp", {"hidden": [8]}, {"A": 5}, seed=1)
+    b = make_model("mlp", {"hidden": [8]}, {"B": 5}, seed=2)
+    with torch.no_grad():
+        for model in (a, b):
+            model.body.fc0.norm.bias.fill_(3e38)
+    with pytest.raises(
+        MergeError, match=r"'average': the merged model holds NaN or inf in \[.trunk\.body\.fc0\.norm\.bias.\]"
+    ):
+        build_method("average", {"reset_bn": False})([a, b], ctx)
+
+
+def test_nan_after_the_batchnorm_reset_is_refused(pair, cpu):
+    """NaN in the merge data reaches the merged BatchNorm statistics: refused, pointing at the data."""
+    data = [torch.full((4, 1, 8, 8), float("nan"))]
+    ctx = MergeContext(device=cpu, batches=lambda: iter(data))
+    with pytest.raises(MergeError, match=r"'average': the merged model holds NaN or inf in .*running_mean.*merge data"):
+        build_method("average")(list(pair), ctx)
+
+
+@pytest.mark.parametrize("method", ["zipit", "permute", "mudsc"])
+def test_given_statistics_with_nan_are_refused_naming_the_space(method, pair, ctx):
+    stats = {
+        name: SpaceStats(s.widths, s.mean, s.cov.clone(), s.count)
+        for name, s in collect_statistics(list(pair), ctx.batches()).items()
+    }
+    stats["conv2"].cov[1, 0] = float("nan")
+    ctx.stats = stats
+    with pytest.raises(MergeError, match=r"statistics of feature space\(s\) \['conv2'\] hold NaN or inf"):
+        build_method(method, {"lam": 0.5, "max_sweeps": 2} if method == "mudsc" else {})(list(pair), ctx)

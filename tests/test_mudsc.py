@@ -16,6 +16,7 @@ from hetmerge.matching.transforms import SpaceMerge
 from hetmerge.matching.weight_matching import weight_matching
 from hetmerge.matching.weight_similarity import weight_correlation
 from hetmerge.methods import MergeContext, MergeError, build_method
+from hetmerge.params import ParameterError
 from hetmerge.spaces import FeatureSpace, SpaceGraph, permute_state, random_permutations
 from hetmerge.statistics import SpaceStats, collect_statistics
 
@@ -307,9 +308,16 @@ def test_lam_is_chosen_on_the_merge_slice(pair, cpu, batches):
         build_method("mudsc", {"solver": "align"})(list(pair), MergeContext(cpu, batches, stats=stats))
 
 
-@pytest.mark.parametrize("bad", [{"lam": 1.5}, {"lam_grid": []}, {"lam_grid": [0.5, -0.1]}])
-def test_bad_lambda_is_rejected(bad):
-    with pytest.raises(MergeError, match="λ"):
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        ({"lam": 1.5}, ParameterError, r"parameter 'lam': 1.5 is outside the allowed range \[0, 1\]"),
+        ({"lam_grid": [0.5, -0.1]}, ParameterError, r"parameter 'lam_grid'.*-0.1 is outside the allowed range"),
+        ({"lam_grid": []}, MergeError, "λ"),
+    ],
+)
+def test_bad_lambda_is_rejected(bad, error, match):
+    with pytest.raises(error, match=match):
         build_method("mudsc", bad)
 
 

@@ -378,11 +378,71 @@ def test_lint_is_clean(lint_output):
     ids=["training", "split-seeds", "method-param", "arch-spec", "experiment-method"],
 )
 def test_config_typo_fails_at_start_up_naming_the_key(tmp_path, edit, named):
+    assert_refused_at_start_up(tmp_path, edit, named)
+
+
+def assert_refused_at_start_up(tmp_path, edit, named):
+    """The edited tiny config fails before any job is planned, with `named` in the message."""
     cwd = workdir(tmp_path)
-    code, out = snakemake(cwd, "-n", "all", configfile=edited_config(cwd, "typo", edit))
+    code, out = snakemake(cwd, "-n", "all", configfile=edited_config(cwd, "refused", edit))
     assert code != 0
     assert named in out, out
     assert "Job stats" not in out and not (cwd / "results").exists()
+
+
+def three_models(experiment, **zipit):
+    """An edit giving `experiment` a third model of its first architecture (and the `zipit` row these params)."""
+
+    def edit(config):
+        exp = config["experiments"][experiment]
+        exp["models"].append(exp["models"][0])
+        config["methods"]["zipit"]["params"].update(zipit)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        # hetero merges two models: this failed after training, in the merge job
+        (
+            three_models("depth"),
+            "experiments.depth.methods: 'het_sma_zip' (method 'hetero') merges exactly 2 models, "
+            "but the experiment has 3",
+        ),
+        # α = 0 never merges a merged unit again: three models can never be zipped
+        (
+            three_models("mlp", alpha=0.0),
+            "experiments.mlp.methods: 'zipit' cannot merge its models: "
+            "method 'zipit': α = 0.0 never merges a merged unit again",
+        ),
+        (
+            lambda c: c["methods"]["zipit"]["params"].update(beta=5),
+            "config error in methods.zipit: method 'zipit', parameter 'beta': 5.0 is outside the allowed range [0, 1]",
+        ),
+        (
+            lambda c: c["training"].update(momentum=1.0),
+            "config error in architectures.mlp: training settings of "
+            "architecture 'mlp', parameter 'momentum': 1.0 is outside the allowed range [0, 1)",
+        ),
+    ],
+    ids=["hetero-3-models", "zipit-alpha-0-3-models", "zipit-beta-range", "momentum-range"],
+)
+def test_experiment_that_can_never_run_fails_at_start_up(tmp_path, edit, named):
+    assert_refused_at_start_up(tmp_path, edit, named)
+
+
+def test_zip_that_beta_does_not_guarantee_is_reported_at_start_up(tmp_path):
+    """ZipIt!'s default β = 0.125 with three models may run out of admissible pairs after training: said up front,
+    with the β that always works (the zip may still finish, so the run goes on)."""
+    cwd = workdir(tmp_path)
+    code, out = snakemake(cwd, "-n", "all", configfile=edited_config(cwd, "beta", three_models("mlp")))
+    assert code == 0, out
+    assert (
+        "warning: experiments.mlp, row 'zipit': method 'zipit': β = 0.125 does not guarantee the greedy zip of 3 "
+        "models: with widths [16, 16, 16] (space 'fc0') it may run out of admissible pairs" in out
+    ), out
+    assert "β ≥ 0.5 always zips them" in out
 
 
 @pytest.fixture(scope="module")
@@ -402,12 +462,11 @@ def hetmerge_cli(*args, timeout=120):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killed_training_leaves_no_model_file(tmp_path, prepared, sig):
     out = tmp_path / "models" / "mlp-A.safetensors"
-    resume_dir = tmp_path / "resume"
-    resume = resume_dir / "mlp-A.safetensors.resume"
+    resume = out.parent / "mlp-A.safetensors.resume"  # the training state lives next to the output
     cmd = [str(BIN / "hetmerge"), "train", "--data", str(prepared / "digits.safetensors")]
     cmd += ["--split", str(prepared / "split.json"), "--task", "A", "--seed", "0", "--device", "cpu"]
     cmd += ["--model", json.dumps({"family": "mlp", "spec": {"hidden": [64]}})]
-    cmd += ["--train", json.dumps({"epochs": 100_000, "batch_size": 32}), "--resume-dir", str(resume_dir)]
+    cmd += ["--train", json.dumps({"epochs": 100_000, "batch_size": 32})]
     proc = subprocess.Popen([*cmd, "--out", str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 90
@@ -423,9 +482,8 @@ def test_killed_training_leaves_no_model_file(tmp_path, prepared, sig):
         proc.wait(30)
     assert proc.returncode == -sig
     assert not out.exists()
-    assert not out.parent.exists() or list(out.parent.iterdir()) == []
     # Only the resume state may remain (plus, if the kill hit its atomic rewrite, that write's temp file).
-    leftovers = [p.name for p in resume_dir.iterdir() if p != resume]
+    leftovers = [p.name for p in out.parent.iterdir() if p != resume]
     assert all(re.fullmatch(r"\.mlp-A\.safetensors\.resume\..*\.tmp", n) for n in leftovers), leftovers
     assert load_tensors(resume)[1]["epoch"] >= 1  # complete and readable
 

@@ -192,8 +192,10 @@ def test_save_load_round_trip(tmp_path):
     models = [make_model("resnet", seed) for seed in (0, 1)]
     stats = collect_statistics(models, make_batches(0, n=1))
     path = tmp_path / "stats.safetensors"
-    save_statistics(stats, path)
-    loaded = load_statistics(path)
+    sources = [{"path": f"m{i}.safetensors", "sha256": str(i), "task": "A"} for i in range(2)]
+    save_statistics(stats, path, sources)
+    loaded, recorded = load_statistics(path)
+    assert recorded == sources
     assert sorted(loaded) == sorted(stats)
     for name, s in stats.items():
         assert loaded[name].widths == s.widths
@@ -234,3 +236,42 @@ def test_mismatched_spaces_raise_naming_the_space():
 def test_no_batches_raises():
     with pytest.raises(ValueError, match="no data"):
         collect_statistics([make_model("mlp", 0)] * 2, [])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_activations_name_the_space_batch_and_model(value):
+    """One NaN pixel in batch 1 used to make every correlation NaN silently."""
+    models = [make_model("vgg", seed) for seed in (0, 1)]
+    batches = make_batches(0)
+    with torch.no_grad():
+        models[1].body.conv3.conv.weight[0, 0, 0, 0] = value  # the first space it spoils is conv3, in model 1 only
+    with pytest.raises(
+        ValueError, match=r"space 'conv3' hold NaN or inf \(first in batch 0 of the data, in model\(s\) \[1\]"
+    ):
+        collect_statistics(models, batches)
+    batches[1][2, 0, 3, 3] = value
+    with pytest.raises(
+        ValueError, match=r"space 'conv0' hold NaN or inf \(first in batch 1 of the data, in model\(s\) \[0, 1\]"
+    ):
+        collect_statistics([make_model("vgg", seed) for seed in (0, 1)], batches)
+
+
+def test_loading_nonfinite_statistics_names_the_file_and_space(tmp_path):
+    stats = collect_statistics([make_model("mlp", seed) for seed in (0, 1)], make_batches(0))
+    stats["fc1"].cov[0, 1] = float("inf")
+    path = tmp_path / "stats.safetensors"
+    save_statistics(stats, path, [])
+    with pytest.raises(CheckpointError, match=rf"{path}: statistics of feature space\(s\) \['fc1'\] hold NaN or inf"):
+        load_statistics(path)
+
+
+def test_nonfinite_activations_on_a_cuda_device(monkeypatch):
+    """The check runs where the activations are (emulated device-strict cuda:0) and still names the batch."""
+    from fake_cuda import fake_cuda
+
+    with fake_cuda() as device:
+        models = [make_model("mlp", seed).to(device) for seed in (0, 1)]
+        batches = [x.to(device) for x in make_batches(0)]
+        batches[2][0, 0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match=r"space 'fc0' hold NaN or inf \(first in batch 2 of the data"):
+            collect_statistics(models, batches)

@@ -12,7 +12,7 @@ import torch
 from benchmarks_loader import load_benchmark
 
 import hetmerge.training
-from hetmerge.checkpoint import load_tensors
+from hetmerge.checkpoint import load_tensors, save_tensors
 from hetmerge.cli import main as cli_main
 from hetmerge.data import iterate_batches, save_prepared, save_split
 from hetmerge.params import ParameterError, parse_params
@@ -117,16 +117,73 @@ def test_resume_state_of_other_settings_is_ignored(train, tmp_path, monkeypatch,
     capsys.readouterr()
 
     model, history = train(0, resume, lr=0.1)
-    assert "resuming" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resuming" not in err
+    # reported, naming the state and what differs, never silently dropped
+    assert f"ignoring resume state {resume}: it was written for other training settings: lr 0.05 (now 0.1)" in err
+    assert "starting from epoch 1" in err
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert same_state(model, train(0, lr=0.1)[0])
     assert load_tensors(resume)[1]["epoch"] == 3  # overwritten by the new run
 
 
-def test_unreadable_resume_state_is_ignored(train, tmp_path):
+def test_resume_state_of_another_seed_is_reported(train, tmp_path, monkeypatch, capsys):
+    resume = tmp_path / "model.resume"
+    restore = interrupt_in_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(3, resume)
+    restore()
+    capsys.readouterr()
+    model, history = train(0, resume)
+    assert "written for seed 3 (now 0); starting from epoch 1" in capsys.readouterr().err
+    assert len(history) == 3 and same_state(model, train(0)[0])
+
+
+def test_resume_state_of_an_older_version_is_reported_by_fingerprint(train, tmp_path, capsys):
+    """A state that records only its fingerprint (written before the run record existed) is not silently dropped."""
+    resume = tmp_path / "model.resume"
+    save_tensors(resume, {"generator": torch.Generator().get_state()}, {"epoch": 1, "fingerprint": "0" * 16})
+    _, history = train(0, resume)
+    err = capsys.readouterr().err
+    assert f"ignoring resume state {resume}: it was written for settings with fingerprint '{'0' * 16}'" in err
+    assert "starting from epoch 1" in err and len(history) == 3
+
+
+def test_cli_keeps_training_state_next_to_its_output(tmp_path, digits, digits_split, cpu, make_model, capsys):
+    """Two outputs of one file name in different folders (other seeds, task counts, datasets) never share a
+    training state: it is keyed by the output's full path and removed once the model is saved."""
+    save_prepared(digits, tmp_path / "digits.safetensors")
+    save_split(digits_split, tmp_path / "split.json")
+    settings = {"epochs": 2, "batch_size": 64}
+    first, second = tmp_path / "s0" / "mlp-A.safetensors", tmp_path / "s1" / "mlp-A.safetensors"
+    state = first.parent / "mlp-A.safetensors.resume"
+    # a finished run's state for `first`, exactly as the CLI would have left it had it been killed before saving
+    make_deterministic(0, cpu)
+    model = make_model("mlp", SPEC, {"A": 5}, digits.input_shape, seed=0)
+    train_model(model, digits, digits_split, "A", TrainSettings(**settings), 0, cpu, state)
+    before = state.read_bytes()
+
+    def cli(out):
+        args = ["train", "--data", str(tmp_path / "digits.safetensors"), "--split", str(tmp_path / "split.json")]
+        args += ["--task", "A", "--seed", "0", "--device", "cpu", "--threads", "1", "--out", str(out)]
+        args += ["--model", json.dumps({"family": "mlp", "spec": SPEC}), "--train", json.dumps(settings)]
+        assert cli_main(args) == 0
+        return capsys.readouterr().err
+
+    capsys.readouterr()
+    assert "resum" not in cli(second)  # same file name, another folder: trains from scratch
+    assert state.read_bytes() == before  # and leaves the other output's state alone
+    assert not (second.parent / "mlp-A.safetensors.resume").exists()
+    assert f"resuming from {state} after epoch 2" in cli(first)
+    assert not state.exists()  # deleted once the model is saved
+    assert sorted(p.name for p in first.parent.iterdir()) == ["mlp-A.safetensors"]
+
+
+def test_unreadable_resume_state_is_ignored(train, tmp_path, capsys):
     resume = tmp_path / "model.resume"
     resume.write_bytes(b"not a checkpoint")
     model, history = train(0, resume)
+    assert "ignoring unreadable resume state" in capsys.readouterr().err
     assert len(history) == 3
     assert same_state(model, train(0)[0])
 

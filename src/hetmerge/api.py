@@ -8,19 +8,48 @@ from typing import Any
 import torch
 
 from hetmerge.merged import MergedModel
-from hetmerge.methods import MergeContext, build_method
-from hetmerge.models import MultiTaskNet
+from hetmerge.methods import MergeContext, MergeError, build_method
+from hetmerge.models import FAMILIES, MultiTaskNet
 
 
-def _input_batches(data: Iterable[Any], device: torch.device) -> Callable[[], Iterator[torch.Tensor]]:
-    """Turn a re-iterable loader of `x` or `(x, y, ...)` batches into fresh passes of `x` on `device`."""
+def _input_batches(
+    data: Iterable[Any], device: torch.device, shape: tuple[int, ...]
+) -> Callable[[], Iterator[torch.Tensor]]:
+    """Turn a re-iterable loader of `x` or `(x, y, ...)` batches into fresh passes of `x` on `device`.
+
+    Every `x` must hold inputs of the models' `shape`: other images would fail deep inside a layer, or not at all.
+    """
 
     def passes() -> Iterator[torch.Tensor]:
-        for batch in data:
+        for i, batch in enumerate(data):
             x = batch[0] if isinstance(batch, list | tuple) else batch
+            if tuple(x.shape[1:]) != shape:
+                raise MergeError(f"data batch {i} holds inputs of shape {tuple(x.shape[1:])}, the models take {shape}")
             yield x.to(device)
 
     return passes
+
+
+def _merge_inputs(models: Any, data: Any) -> list[MultiTaskNet]:
+    """The models as a list, refusing what would fail obscurely later: a single module, modules that are no
+    hetmerge network (they lack the feature-space description every method needs), and one-shot iterators as
+    data, which the statistics pass would use up before the BatchNorm reset reads them again."""
+    if isinstance(models, torch.nn.Module):
+        raise TypeError(f"merge takes a list of models, got a single {type(models).__name__}: pass [model_a, model_b]")
+    models = list(models)
+    for i, model in enumerate(models):
+        if not isinstance(model, MultiTaskNet):
+            raise TypeError(
+                f"model {i} is a {type(model).__module__}.{type(model).__qualname__}, not a hetmerge MultiTaskNet: "
+                f"build it with hetmerge.build_model (families {sorted(FAMILIES)}) and load your weights into it"
+            )
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"data is a one-shot iterator ({type(data).__name__}): merge passes over it once for the statistics "
+            "and again for the BatchNorm reset, so the second pass would see nothing; pass a list of batches or a "
+            "DataLoader"
+        )
+    return models
 
 
 def merge(
@@ -36,8 +65,12 @@ def merge(
 
     `data` is a re-iterable loader (e.g. a torch DataLoader) over held-out images used for activation
     statistics and BatchNorm reset; each pass iterates it again. Returns a module mapping an input batch to
-    a dict of per-task logits.
+    a dict of per-task logits. Models that take different input shapes or share a head name with different
+    class counts, data of another shape, and NaN or inf in the weights, data or result raise a ValueError
+    (MergeError where the method refuses) that names the culprit; models that are no hetmerge MultiTaskNet and
+    one-shot iterators (generators) as `data` raise a TypeError.
     """
+    models = _merge_inputs(models, data)
     device = torch.device(device)
-    ctx = MergeContext(device=device, batches=None if data is None else _input_batches(data, device), seed=seed)
-    return build_method(method, params)(list(models), ctx)
+    batches = None if data is None or not models else _input_batches(data, device, models[0].input_shape)
+    return build_method(method, params)(models, MergeContext(device=device, batches=batches, seed=seed))

@@ -1,11 +1,13 @@
 """Checkpoints: safetensors for tensors, JSON metadata in the same file's header, never pickle.
 
 One file per model keeps the write atomic; the metadata says how to rebuild the module, so loading
-needs no code from the writer.
+needs no code from the writer. Every file carries a SHA-256 of its metadata and of each tensor, checked on
+load, so a flipped bit or a damaged copy fails loudly (naming the tensor) instead of giving wrong results.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -22,22 +24,65 @@ from hetmerge.merged import MergedModel
 from hetmerge.models import MultiTaskNet, build_from_description
 
 FORMAT = "hetmerge/1"
+CHECKSUMS = "hetmerge.sha256"  # header key: {"metadata": digest, "tensors": {name: digest}}
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not fit the model it claims to hold."""
 
 
+def _digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a CPU tensor's dtype, shape and raw bytes (dtype and shape too: a header edit is caught)."""
+    digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _checksums(tensors: Mapping[str, torch.Tensor], metadata: str) -> str:
+    return json.dumps(
+        {
+            "metadata": hashlib.sha256(metadata.encode()).hexdigest(),
+            "tensors": {name: _digest(tensors[name]) for name in sorted(tensors)},
+        },
+        sort_keys=True,
+    )
+
+
+def verify_checksums(path: Path, tensors: Mapping[str, torch.Tensor], header: Mapping[str, str]) -> None:
+    """Raise CheckpointError unless the metadata and every tensor are byte for byte what `save_tensors` wrote."""
+    corrupt = "the file is corrupt; delete it and rerun the job that made it"
+    if CHECKSUMS not in header:
+        raise CheckpointError(
+            f"{path} has no checksums: it was written by a hetmerge version that did not checksum its files, "
+            "by another program, or its header is damaged; delete it and rerun the job that made it"
+        )
+    try:
+        stored = json.loads(header[CHECKSUMS])
+        metadata, digests = stored["metadata"], dict(stored["tensors"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{path}: unreadable checksums ({err!r}); {corrupt}") from err
+    if hashlib.sha256(header.get("hetmerge", "").encode()).hexdigest() != metadata:
+        raise CheckpointError(f"{path}: the metadata does not match its checksum; {corrupt}")
+    unlisted = sorted(set(tensors) ^ set(digests))
+    if unlisted:
+        where = "not in the checksums" if unlisted[0] in tensors else "missing from the file"
+        raise CheckpointError(f"{path}: tensor {unlisted[0]!r} is {where}; {corrupt}")
+    for name in sorted(tensors):
+        if _digest(tensors[name]) != digests[name]:
+            raise CheckpointError(f"{path}: tensor {name!r} does not match its checksum; {corrupt}")
+
+
 def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-    """Write tensors plus JSON metadata atomically."""
-    header = {"hetmerge": json.dumps({"format": FORMAT, **meta}, sort_keys=True)}
+    """Write tensors plus JSON metadata and their checksums atomically."""
+    metadata = json.dumps({"format": FORMAT, **meta}, sort_keys=True)
     plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = {"hetmerge": metadata, CHECKSUMS: _checksums(plain, metadata)}
     with atomic_path(path) as tmp:
         save_file(plain, str(tmp), metadata=header)
 
 
 def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read tensors and metadata; any defect is reported with the file's name."""
+    """Read tensors and metadata, verified against their checksums; any defect is reported with the file's name."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -49,6 +94,7 @@ def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
         raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {err}") from err
     if "hetmerge" not in header:
         raise CheckpointError(f"checkpoint {path} has no hetmerge metadata (not written by hetmerge?)")
+    verify_checksums(path, tensors, header)
     try:
         meta = json.loads(header["hetmerge"])
     except json.JSONDecodeError as err:
@@ -58,23 +104,23 @@ def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
     return tensors, meta
 
 
-def _load_into(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
+def _check_state(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Compare names and shapes only, so `module` may live on the meta device (nothing allocated)."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {path}: {what} does not match its architecture "
+            f"checkpoint {path}: the model its metadata describes does not match its tensors "
             f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
         )
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
+    for key in sorted(state):
+        if state[key].shape != expected[key].shape:
             raise CheckpointError(
-                f"checkpoint {path}: {what} tensor {key!r} has shape {tuple(tensor.shape)}, "
-                f"the architecture needs {tuple(expected[key].shape)}"
+                f"checkpoint {path}: tensor {key!r} has shape {tuple(state[key].shape)}, "
+                f"the model its metadata describes needs {tuple(expected[key].shape)}"
             )
-    module.load_state_dict(state)
 
 
 def save_model(model: MultiTaskNet | MergedModel, path: str | os.PathLike[str], info: Mapping[str, Any]) -> None:
@@ -86,26 +132,34 @@ def save_model(model: MultiTaskNet | MergedModel, path: str | os.PathLike[str], 
     save_tensors(path, model.state_dict(), meta)
 
 
-def load_model(path: str | os.PathLike[str]) -> tuple[MultiTaskNet | MergedModel, dict[str, Any]]:
-    """Load whatever `save_model` wrote; returns the module (in eval mode) and its metadata."""
-    path = Path(path)
-    state, meta = load_tensors(path)
+def _build(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], path: Path) -> MultiTaskNet | MergedModel:
+    """The module the metadata describes, freshly initialised (on the meta device inside `torch.device("meta")`)."""
     try:
         if meta["kind"] == "model":
-            model: MultiTaskNet | MergedModel = build_from_description(meta["model"])
-        elif meta["kind"] == "merged":
+            return build_from_description(meta["model"])
+        if meta["kind"] == "merged":
             desc = meta["model"]
             trunk = None if desc["trunk"] is None else build_from_description(desc["trunk"])
             branches = [build_from_description(b) for b in desc["branches"]]
             maps = [state[f"unmerge.{i}.weight"] if has else None for i, has in enumerate(desc["unmerge"])]
-            model = MergedModel(trunk, branches, desc["cut"], maps)
-        else:
-            raise CheckpointError(f"checkpoint {path} has unknown kind {meta['kind']!r}")
+            return MergedModel(trunk, branches, desc["cut"], maps)
     except (KeyError, TypeError, ValueError) as err:
-        if isinstance(err, CheckpointError):
-            raise
         raise CheckpointError(f"checkpoint {path} has an invalid model description: {err}") from err
-    _load_into(model, state, path, "model")
+    raise CheckpointError(f"checkpoint {path} has unknown kind {meta['kind']!r}")
+
+
+def load_model(path: str | os.PathLike[str]) -> tuple[MultiTaskNet | MergedModel, dict[str, Any]]:
+    """Load whatever `save_model` wrote; returns the module (in eval mode) and its metadata.
+
+    The description is first built on the meta device and checked against the file's tensors, so metadata
+    that claims a huge model is refused before anything that size is allocated.
+    """
+    path = Path(path)
+    state, meta = load_tensors(path)
+    with torch.device("meta"):
+        _check_state(_build(meta, state, path), state, path)
+    model = _build(meta, state, path)
+    model.load_state_dict(state)
     return model.eval(), meta
 
 

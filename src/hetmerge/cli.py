@@ -72,7 +72,7 @@ def _setup(threads: int, device: str) -> Any:
 def cmd_train(args: argparse.Namespace) -> None:
     from hetmerge.checkpoint import save_model
     from hetmerge.data import load_prepared, load_split
-    from hetmerge.models import build_model
+    from hetmerge.models import FAMILIES, build_model
     from hetmerge.params import as_dict, parse_params
     from hetmerge.provenance import provenance
     from hetmerge.training import (
@@ -88,8 +88,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     settings = parse_params(TrainSettings, args.train, "training settings")
     make_deterministic(args.seed, device)
     task = split.task(args.task)
-    model = build_model(args.model["family"], args.model.get("spec"), ds.input_shape, {task.name: len(task.classes)})
-    resume = Path(args.resume_dir) / (Path(args.out).name + ".resume") if args.resume_dir else None
+    family = args.model.get("family") if isinstance(args.model, dict) else None
+    if not isinstance(family, str) or not set(args.model) <= {"family", "spec"}:
+        raise ValueError(
+            f"--model needs 'family' (one of {sorted(FAMILIES)}) and optionally 'spec', nothing else; "
+            f"got {json.dumps(args.model)}"
+        )
+    model = build_model(family, args.model.get("spec"), ds.input_shape, {task.name: len(task.classes)})
+    # next to the output: keyed by its full path, so jobs of other seeds, task counts or datasets never share it
+    resume = Path(args.out).with_name(Path(args.out).name + ".resume")
     t0 = time.perf_counter()
     history = train_model(model, ds, split, task.name, settings, args.seed, device, resume)
     info = {
@@ -106,8 +113,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         "provenance": provenance(device),
     }
     save_model(model, args.out, info)
-    if resume is not None:
-        resume.unlink(missing_ok=True)
+    resume.unlink(missing_ok=True)
 
 
 def _merge_batches(ds: Any, split: Any, batch_size: int, device: Any) -> Any:
@@ -124,28 +130,31 @@ def _merge_batches(ds: Any, split: Any, batch_size: int, device: Any) -> Any:
 
 def cmd_statistics(args: argparse.Namespace) -> None:
     from hetmerge.checkpoint import load_base_model
+    from hetmerge.compatibility import check_models, source_records
     from hetmerge.data import load_prepared, load_split
     from hetmerge.statistics import collect_statistics, save_statistics
 
     device = _setup(args.threads, args.device)
     ds, split = load_prepared(args.data), load_split(args.split)
-    models = [load_base_model(path)[0].to(device) for path in args.models]
+    models, metas = zip(*(load_base_model(path) for path in args.models), strict=True)
+    check_models(args.models, models, metas, args.split, split, args.data, ds)
     t0 = time.perf_counter()
-    stats = collect_statistics(models, _merge_batches(ds, split, args.batch_size, device)())
-    save_statistics(stats, args.out)
+    stats = collect_statistics([m.to(device) for m in models], _merge_batches(ds, split, args.batch_size, device)())
+    save_statistics(stats, args.out, source_records(args.models, metas))
     seconds = time.perf_counter() - t0
     print(f"statistics of {len(stats)} spaces over {len(split.merge_indices)} images in {seconds:.2f}s")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from hetmerge.checkpoint import save_model
+    from hetmerge.compatibility import merged_origin
     from hetmerge.evaluation import accuracies
     from hetmerge.methods import MergeContext, build_method
     from hetmerge.params import as_dict
     from hetmerge.provenance import provenance
 
     method = build_method(args.method, args.params)
-    device, ds, split, models, stats, batches = _merge_setup(args)
+    device, ds, split, models, stats, batches, sources = _merge_setup(args)
 
     def score(model: Any) -> float:
         return accuracies(model, ds, split, args.batch_size, device, part="merge")["joint"]
@@ -161,6 +170,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
         "cut": merged.cut if len(merged.branches) else None,
         "units": len(models[0].body),
         "sources": [str(p) for p in args.models],
+        "source_models": sources,
+        **merged_origin(split, merged.tasks),
         "merge_seconds": round(time.perf_counter() - t0, 3),
         "provenance": provenance(device),
     }
@@ -168,17 +179,24 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"{args.method}: merged {len(models)} models in {info['merge_seconds']:.2f}s")
 
 
-def _merge_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list, Any, Any]:
-    """What merging needs: device, dataset, split, base models, statistics and merge-slice batches."""
+def _merge_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list, Any, Any, list[dict[str, Any]]]:
+    """What merging needs: device, dataset, split, base models, statistics, merge-slice batches and the models'
+    fingerprints, after checking that models, split, dataset and statistics belong together."""
     from hetmerge.checkpoint import load_base_model
+    from hetmerge.compatibility import check_models, check_sources, source_records
     from hetmerge.data import load_prepared, load_split
     from hetmerge.statistics import load_statistics
 
     device = _setup(args.threads, args.device)
     ds, split = load_prepared(args.data), load_split(args.split)
-    models = [load_base_model(path)[0] for path in args.models]
-    stats = load_statistics(args.stats) if getattr(args, "stats", None) else None
-    return device, ds, split, models, stats, _merge_batches(ds, split, args.batch_size, device)
+    models, metas = zip(*(load_base_model(path) for path in args.models), strict=True)
+    check_models(args.models, models, metas, args.split, split, args.data, ds)
+    sources = source_records(args.models, metas)
+    stats = None
+    if getattr(args, "stats", None):
+        stats, recorded = load_statistics(args.stats)
+        check_sources(f"--stats {args.stats}", recorded, sources)
+    return device, ds, split, list(models), stats, _merge_batches(ds, split, args.batch_size, device), sources
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -187,7 +205,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from hetmerge.methods import MergeContext, build_method
     from hetmerge.provenance import provenance
 
-    device, ds, split, models, stats, batches = _merge_setup(args)
+    device, ds, split, models, stats, batches, _ = _merge_setup(args)
     points = []
     for value in args.values:
         method = build_method(args.method, {**args.params, args.param: value})
@@ -222,14 +240,17 @@ def cmd_landscape(args: argparse.Namespace) -> None:
 
     from hetmerge import landscape as ls
     from hetmerge.checkpoint import load_model
+    from hetmerge.compatibility import check_model, check_sources
     from hetmerge.data import iterate_batches
     from hetmerge.methods import build_method
     from hetmerge.provenance import provenance
 
-    device, ds, split, (a, b), _, batches = _merge_setup(args)
+    device, ds, split, (a, b), _, batches, sources = _merge_setup(args)
     merges = {}
     for key, path in zip(args.keys, args.merges, strict=True):
         merged, meta = load_model(path)
+        check_model(path, merged, meta, args.split, split, args.data, ds)
+        check_sources(f"merge {path}", meta["info"].get("source_models"), sources)
         if getattr(merged, "branches", None) or getattr(merged, "trunk", None) is None:
             raise ValueError(f"{path}: only fully merged models lie in a weight space (not ensembles or partial zips)")
         trunk = merged.trunk.cpu()
@@ -297,6 +318,7 @@ def cmd_landscape(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Evaluate one or more models on one split; writes a JSON list with one record per model."""
     from hetmerge.checkpoint import load_model
+    from hetmerge.compatibility import check_model, check_split_data
     from hetmerge.data import load_prepared, load_split
     from hetmerge.evaluation import accuracies, cost
     from hetmerge.provenance import provenance
@@ -306,9 +328,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise ValueError(f"--records must be a JSON list with one object per model ({len(args.models)})")
     device = _setup(args.threads, args.device)
     ds, split = load_prepared(args.data), load_split(args.split)
+    check_split_data(args.split, split, args.data, ds)
     results = []
     for path, fields in zip(args.models, records, strict=True):
         model, meta = load_model(path)
+        check_model(path, model, meta, args.split, split, args.data, ds)
         model.to(device)
         t0 = time.perf_counter()
         metrics = accuracies(model, ds, split, args.batch_size, device)
@@ -342,8 +366,17 @@ def cmd_report(args: argparse.Namespace) -> None:
         loaded = []
         for path in paths:
             with open(path) as handle:
-                content = json.load(handle)
-            loaded += content if isinstance(content, list) else [content]
+                try:
+                    content = json.load(handle)
+                except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
+                    raise ValueError(
+                        f"{path} is not valid JSON ({err}): it is truncated or corrupt; "
+                        "delete it and rerun snakemake, which remakes it"
+                    ) from err
+            records = content if isinstance(content, list) else [content]
+            if not all(isinstance(record, dict) for record in records):
+                raise ValueError(f"{path}: expected a JSON object or a list of objects (hetmerge evaluate's output)")
+            loaded += records
         return loaded
 
     written = build_report(
@@ -417,8 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=_json, required=True, help='JSON: {"family": ..., "spec": {...}}')
     p.add_argument("--train", type=_json, default={}, help="JSON training settings")
     p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--resume-dir", default=None, help="where per-epoch training state is kept")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the model; training state is kept in OUT.resume until it is saved")
     device_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -494,14 +526,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(err: Exception) -> str:
+    """The error's message, plus what to do about an unusable checkpoint where the message does not say it
+    (CheckpointError carries no path, so the advice refers to the file its message names)."""
+    from hetmerge.checkpoint import CheckpointError
+
+    message = str(err)
+    if isinstance(err, CheckpointError) and "delete it" not in message and "does not exist" not in message:
+        message += "; if snakemake made that file, delete it and rerun snakemake, which remakes it"
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Bad input (files, arguments, data, diverging training) ends in one line on stderr,
+    not a traceback; the project's errors derive from these types (ParameterError, MergeError, CheckpointError
+    and DatasetCorruptError from ValueError, DatasetUnavailableError from RuntimeError). Set HETMERGE_DEBUG=1
+    for the traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, RuntimeError, OSError, TimeoutError) as err:
+    except (ValueError, RuntimeError, OSError, TimeoutError, FloatingPointError) as err:
         if os.environ.get("HETMERGE_DEBUG"):
             raise
-        print(f"hetmerge {args.command}: error: {err}", file=sys.stderr)
+        print(f"hetmerge {args.command}: error: {_message(err)}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,17 +1,19 @@
 """Typed parameters from plain config mappings, with errors that name the culprit.
 
-Merge methods and architectures declare their parameters as frozen dataclasses; this module turns a
-config mapping into such a dataclass, rejecting unknown keys (listing the known ones) and values of the
-wrong type. One parser for both keeps config errors uniform.
+Merge methods, architectures and training declare their parameters as frozen dataclasses; this module turns
+a config mapping into such a dataclass, rejecting unknown keys (listing the known ones), values of the wrong
+type and numbers outside their declared range (`Annotated[float, Range(0, 1)]`). One parser for all keeps
+config errors uniform, and a range is declared once, next to the parameter, instead of checked by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 T = TypeVar("T")
 
@@ -20,23 +22,66 @@ class ParameterError(ValueError):
     """A config value does not fit the declared parameters."""
 
 
+class ParameterRangeError(ParameterError):
+    """A number of the right type outside its declared range (reported as such even inside a union)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The allowed values of a number parameter: `Annotated[float, Range(0, 1)]`, enforced by `parse_params`.
+
+    A missing bound is unbounded; `open_low`/`open_high` exclude the bound itself (`Range(0, open_low=True)`:
+    > 0). NaN and ±inf are never in a range.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.open_high and value == self.high))
+
+    def __str__(self) -> str:
+        low = "(-∞" if self.low is None else f"{'(' if self.open_low else '['}{self.low:g}"
+        high = "∞)" if self.high is None else f"{self.high:g}{')' if self.open_high else ']'}"
+        return f"{low}, {high}"
+
+
+def _name(hint: Any) -> str:
+    if typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
+    return getattr(hint, "__name__", str(hint))
+
+
 def _check(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is Any:
+        return value
+    if origin is Annotated:
+        value = _check(value, args[0], where)
+        for bound in args[1:]:
+            if isinstance(bound, Range) and value not in bound:
+                raise ParameterRangeError(f"{where}: {value!r} is outside the allowed range {bound}")
         return value
     if origin is typing.Literal:
         if value not in args:
             raise ParameterError(f"{where}: {value!r} is not one of {list(args)}")
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in args:
             try:
                 return _check(value, option, where)
-            except ParameterError as err:
-                errors.append(str(err))
-        raise ParameterError(f"{where}: {value!r} matches none of {[getattr(a, '__name__', a) for a in args]}")
+            except ParameterRangeError:
+                raise
+            except ParameterError:
+                continue
+        raise ParameterError(f"{where}: {value!r} matches none of {[_name(a) for a in args]}")
     if hint is type(None):
         if value is not None:
             raise ParameterError(f"{where}: expected null, got {value!r}")
@@ -67,12 +112,17 @@ def _check(value: Any, hint: Any, where: str) -> Any:
 
 def parse_params(cls: type[T], values: Mapping[str, Any] | None, what: str) -> T:
     """Build dataclass `cls` from `values`; `what` names the owner in error messages (e.g. "method 'zipit'")."""
-    values = dict(values or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if values is not None and not isinstance(values, Mapping):
+        raise ParameterError(
+            f"{what}: parameters must be a mapping of parameter names to values (known parameters: "
+            f"{sorted(fields)}), e.g. a dict; got the {type(values).__name__} {values!r}"
+        )
+    values = dict(values or {})
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ParameterError(f"{what}: unknown parameter(s) {unknown}; known parameters: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     kwargs = {}
     for name, value in values.items():
         kwargs[name] = _check(value, hints[name], f"{what}, parameter {name!r}")

@@ -3,18 +3,21 @@
 For a space observed in N models with widths d_1..d_N, the concatenated feature z ∈ R^{Σd} is collected
 at every sample and spatial position. Sums of z and z zᵀ are accumulated with one matrix product per
 batch in float64, outside autocast, so 50k-image passes do not lose precision. Correlations clamp the
-standard deviations, so dead units (zero variance) give zero correlation instead of NaN.
+standard deviations, so dead units (zero variance) give zero correlation instead of NaN. A NaN or infinite
+activation is an error naming the space and batch: it would make every correlation NaN.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from hetmerge.checkpoint import CheckpointError, load_tensors, save_tensors
+from hetmerge.compatibility import nonfinite
 from hetmerge.models import MultiTaskNet
 
 
@@ -65,6 +68,7 @@ def collect_statistics(
             handles.append(model.get_submodule(graph[name].observe).register_forward_hook(hook))
     sums: dict[str, torch.Tensor] = {}
     outers: dict[str, torch.Tensor] = {}
+    finite: dict[str, list[torch.Tensor]] = {name: [] for name in names}  # per batch, checked once at the end
     columns = dict.fromkeys(names, 0)
     try:
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
@@ -78,7 +82,9 @@ def collect_statistics(
                     if name not in sums:
                         sums[name] = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
                         outers[name] = torch.zeros(z.shape[0], z.shape[0], dtype=torch.float64, device=z.device)
-                    sums[name] += z.sum(1)
+                    row_sums = z.sum(1)  # non-finite exactly where z is: float64 sums of float32 values never overflow
+                    finite[name].append(torch.isfinite(row_sums).all())
+                    sums[name] += row_sums
                     outers[name] += z @ z.T
                     columns[name] += z.shape[1]
     finally:
@@ -86,6 +92,14 @@ def collect_statistics(
             h.remove()
     if not sums:
         raise ValueError("activation statistics got no data")
+    for name in nonfinite(sums):
+        batch = int(torch.stack(finite[name]).logical_not().nonzero()[0])
+        owners = torch.isfinite(sums[name]).split([g[name].width for g in graphs])
+        culprits = [i for i, ok in enumerate(owners) if not bool(ok.all())]
+        raise ValueError(
+            f"activations of feature space {name!r} hold NaN or inf (first in batch {batch} of the data, in model(s) "
+            f"{culprits}, counted from 0): check those models' weights and the input images"
+        )
     stats = {}
     for name in names:
         widths = tuple(g[name].width for g in graphs)
@@ -95,24 +109,37 @@ def collect_statistics(
     return stats
 
 
-def save_statistics(stats: dict[str, SpaceStats], path: str | os.PathLike[str]) -> None:
+def save_statistics(
+    stats: dict[str, SpaceStats],
+    path: str | os.PathLike[str],
+    sources: Sequence[Mapping[str, Any]] | None = None,
+) -> None:
+    """Write statistics with `sources`, the fingerprints of the models they describe
+    (`hetmerge.compatibility.source_records`), so that they are never used for other models."""
     tensors = {}
     meta = {}
     for name, s in stats.items():
         tensors[f"{name}.mean"] = s.mean
         tensors[f"{name}.cov"] = s.cov
         meta[name] = {"widths": list(s.widths), "count": s.count}
-    save_tensors(path, tensors, {"kind": "statistics", "spaces": meta})
+    record = {} if sources is None else {"sources": [dict(r) for r in sources]}
+    save_tensors(path, tensors, {"kind": "statistics", "spaces": meta, **record})
 
 
-def load_statistics(path: str | os.PathLike[str]) -> dict[str, SpaceStats]:
+def load_statistics(path: str | os.PathLike[str]) -> tuple[dict[str, SpaceStats], list[dict[str, Any]] | None]:
+    """The statistics of every space and the fingerprints of their models (None: the file does not record them)."""
     tensors, meta = load_tensors(path)
     if meta.get("kind") != "statistics":
         raise CheckpointError(f"{path} holds {meta.get('kind')!r}, not activation statistics")
     try:
-        return {
+        stats = {
             name: SpaceStats(tuple(info["widths"]), tensors[f"{name}.mean"], tensors[f"{name}.cov"], info["count"])
             for name, info in meta["spaces"].items()
         }
     except KeyError as err:
         raise CheckpointError(f"{path}: statistics file lacks {err}") from err
+    bad = nonfinite(tensors)
+    if bad:
+        spaces = sorted({name.rsplit(".", 1)[0] for name in bad})
+        raise CheckpointError(f"{path}: statistics of feature space(s) {spaces} hold NaN or inf; compute them again")
+    return stats, meta.get("sources")

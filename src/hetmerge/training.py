@@ -11,7 +11,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from hetmerge.checkpoint import CheckpointError, load_tensors, save_tensors
 from hetmerge.data import ImageDataset, Task, TaskSplit, iterate_batches, make_label_map
 from hetmerge.models import MultiTaskNet
-from hetmerge.params import as_dict
+from hetmerge.params import Range, as_dict
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,14 +36,14 @@ class TrainSettings:
     tensor cores prefer; `auto` uses it on CUDA only, and nets without Conv2d are never converted.
     """
 
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
+    epochs: Annotated[int, Range(1)] = 10
+    batch_size: Annotated[int, Range(1)] = 128
+    lr: Annotated[float, Range(0, open_low=True)] = 0.1
+    momentum: Annotated[float, Range(0, 1, open_high=True)] = 0.9
+    weight_decay: Annotated[float, Range(0)] = 5e-4
+    warmup_epochs: Annotated[float, Range(0)] = 1.0
     augment: bool = False
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[float, Range(0, 1)] = 0.0
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
 
@@ -108,12 +108,36 @@ def make_deterministic(seed: int, device: torch.device) -> None:
         torch.backends.cudnn.deterministic = True
 
 
-def _fingerprint(model: MultiTaskNet, task: str, settings: TrainSettings, seed: int, n_train: int) -> str:
-    blob = json.dumps(
-        {"model": model.describe(), "task": task, "train": as_dict(settings), "seed": seed, "n": n_train},
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def _run_identity(model: MultiTaskNet, task: str, settings: TrainSettings, seed: int, n_train: int) -> dict[str, Any]:
+    """What a resume state must have been written for: the model, task, settings, seed and data size, as JSON
+    gives it back from the state's metadata (lists, not tuples), so the two compare key by key."""
+    run = {"model": model.describe(), "task": task, "train": as_dict(settings), "seed": seed, "n": n_train}
+    return json.loads(json.dumps(run))
+
+
+def _fingerprint(run: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_RUN_PARTS = {"model": "model", "task": "task", "train": "training settings", "seed": "seed", "n": "training images"}
+
+
+def _mismatch(saved: dict[str, Any], run: dict[str, Any]) -> str:
+    """Which parts of the run a resume state was written for differ from this run's, in words."""
+    if not isinstance(saved.get("run"), dict):  # a state of an older version records only the fingerprint
+        return f"settings with fingerprint {saved.get('fingerprint')!r}, not this run's {_fingerprint(run)!r}"
+    parts = []
+    for key, words in _RUN_PARTS.items():
+        theirs, ours = saved["run"].get(key), run[key]
+        if theirs == ours:
+            continue
+        if isinstance(ours, dict) and isinstance(theirs, dict):
+            keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+            changes = ", ".join(f"{k} {theirs.get(k)!r} (now {ours.get(k)!r})" for k in keys)
+            parts.append(f"other {words}: {changes}")
+        else:
+            parts.append(f"{words} {theirs!r} (now {ours!r})")
+    return "; ".join(parts) or "another run"
 
 
 def _optimizer_state(optimizer: torch.optim.SGD, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -150,7 +174,8 @@ def train_model(
     """Train `model`'s head for `task` (and its body) on that task's training indices.
 
     With `resume_path`, the full training state is written there atomically after every epoch and
-    picked up again on restart, provided the run's fingerprint (model, task, settings, seed, data) matches.
+    picked up again on restart, provided the run's fingerprint (model, task, settings, seed, data) matches;
+    a state of another run, or an unreadable one, is reported on stderr and training starts from epoch 1.
     Returns the per-epoch history. Steps read nothing back from the device: the epoch's losses and hits
     stay there until its end.
     """
@@ -174,15 +199,22 @@ def train_model(
     steps_per_epoch = len(indices) // settings.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"task {task!r} has {len(indices)} training images, fewer than one batch")
-    fingerprint = _fingerprint(model, task, settings, seed, len(indices))
+    run = _run_identity(model, task, settings, seed, len(indices))
+    fingerprint = _fingerprint(run)
     start_epoch, history = 0, []
     if resume_path is not None and resume_path.exists():
         try:
             state, meta = load_tensors(resume_path)
         except CheckpointError as err:
-            print(f"ignoring unreadable resume state: {err}", file=sys.stderr)
+            print(f"ignoring unreadable resume state: {err}; starting from epoch 1", file=sys.stderr)
         else:
-            if meta.get("fingerprint") == fingerprint:
+            if meta.get("fingerprint") != fingerprint:
+                print(
+                    f"ignoring resume state {resume_path}: it was written for {_mismatch(meta, run)}; "
+                    "starting from epoch 1 (it is overwritten)",
+                    file=sys.stderr,
+                )
+            else:
                 model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
                 for i, p in enumerate(params):
                     if f"optimizer.{i}" in state:
@@ -257,7 +289,7 @@ def train_model(
             state = {f"model.{k}": v for k, v in model.state_dict().items()}
             state.update(_optimizer_state(optimizer, params))
             state["generator"] = generator.get_state()
-            meta = {"epoch": epoch + 1, "fingerprint": fingerprint, "history": history}
+            meta = {"epoch": epoch + 1, "fingerprint": fingerprint, "run": run, "history": history}
             if scaler.is_enabled():
                 meta["grad_scaler"] = scaler.state_dict()
             save_tensors(resume_path, state, meta)

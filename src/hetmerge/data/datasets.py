@@ -6,9 +6,11 @@ lets every consumer normalise and augment on the device of its choice.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import gzip
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -21,9 +23,8 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from hetmerge.atomic import atomic_path
+from hetmerge.checkpoint import CheckpointError, save_tensors, verify_checksums
 
 if TYPE_CHECKING:
     from torchvision.datasets import CIFAR10, MNIST, VisionDataset
@@ -292,14 +293,50 @@ def _read_idx_dataset(name: str, directory: Path, names: dict[str, str], verify:
     )
 
 
+_ARRAY = np.zeros(1, np.uint8)
+_RECONSTRUCT = _ARRAY.__reduce__()[0]  # numpy's `_reconstruct`, wherever this numpy version keeps it
+_FROMBUFFER = _ARRAY.__reduce_ex__(5)[0]  # numpy's `_frombuffer` (how protocol 5 pickles arrays)
+_CIFAR_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # the official files (numpy 1)
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # re-pickled with numpy 2
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("_codecs", "encode"): codecs.encode,  # how Python 3 writes bytes at protocols 0-2
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR batches hold (dicts, lists, bytes, str, numbers, numpy arrays): no other global
+    can be named, so a tampered file cannot make unpickling run code."""
+
+    def __init__(self, data: bytes, path: Path) -> None:
+        super().__init__(io.BytesIO(data), encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _CIFAR_GLOBALS[module, name]
+        except KeyError:
+            raise DatasetCorruptError(
+                f"refusing to unpickle {module}.{name} from {self.path}: CIFAR batches hold only dicts, lists, "
+                "strings, numbers and numpy arrays, so this is not an official file; replace it with the official "
+                "one (`dataset.verify: true` checks its checksum)"
+            ) from None
+
+
 def _unpickle(path: Path, src: _Source, verify: bool) -> dict[bytes, Any]:
     """Load one CIFAR pickle batch (the published format, hence pickle).
 
-    The checksum is checked before unpickling, so with verify=True only the official files are unpickled.
+    The checksum is checked before unpickling, so with verify=True only the official files are unpickled;
+    with verify=False the restricted unpickler still refuses every global that CIFAR batches do not use.
     """
     data = _read_verified(path, src, verify)
     try:
-        batch = pickle.loads(data, encoding="bytes")
+        batch = _CifarUnpickler(data, path).load()
+    except DatasetCorruptError:
+        raise
     except Exception as exc:  # unpickling garbage can raise almost anything
         raise DatasetCorruptError(f"{path}: not a CIFAR pickle batch ({exc!r}); it is corrupt or incomplete") from exc
     if not isinstance(batch, dict):
@@ -474,9 +511,9 @@ def _unavailable(
                 *notes,
                 "To fix this, either:",
                 f"  1. put the official files ({files}) into one of the directories above, "
-                "or add the directory holding them to `data.roots` in the config; or",
-                "  2. enable the download (download=True, i.e. the config's download setting) on a "
-                f"machine with network access; the files are then saved under {download_root}.",
+                "or add the directory holding them to `dataset.roots` in the config; or",
+                "  2. enable the download (`dataset.download: true` in the config, `--download` on the command "
+                f"line) on a machine with network access; the files are then saved under {download_root}.",
             ]
         )
     )
@@ -487,7 +524,7 @@ def _unavailable(
 
 
 def save_prepared(ds: ImageDataset, path: PathLike) -> None:
-    """Save a dataset as one safetensors file: no pickle, memory-mappable, and atomic on disk."""
+    """Save a dataset as one checksummed safetensors file: no pickle, memory-mappable, and atomic on disk."""
     meta = {
         "format_version": PREPARED_FORMAT_VERSION,
         "name": ds.name,
@@ -496,9 +533,7 @@ def save_prepared(ds: ImageDataset, path: PathLike) -> None:
         "std": list(ds.std),
         "hflip": ds.hflip,
     }
-    tensors = {key: getattr(ds, key).contiguous() for key in _TENSOR_KEYS}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"hetmerge": json.dumps(meta, sort_keys=True)})
+    save_tensors(path, {key: getattr(ds, key) for key in _TENSOR_KEYS}, meta)
 
 
 def load_prepared(path: PathLike) -> ImageDataset:
@@ -514,6 +549,10 @@ def load_prepared(path: PathLike) -> ImageDataset:
     missing = [key for key in _TENSOR_KEYS if key not in tensors]
     if missing:
         raise DatasetCorruptError(f"{path}: missing tensors {', '.join(missing)}; {advice}")
+    try:
+        verify_checksums(path, tensors, header)
+    except CheckpointError as exc:
+        raise DatasetCorruptError(str(exc)) from exc
     try:
         meta = json.loads(header["hetmerge"])
         version = meta["format_version"]

@@ -1,8 +1,9 @@
 """Merge methods are small registered objects with typed parameters, named in the config.
 
 Adding a method = one module with a `MergeMethod` subclass decorated with `@register`. The base class
-owns what every method shares: the model-count check, the compatibility check, and the optional
-BatchNorm reset on the merge slice afterwards.
+owns what every method shares: the model-count check, the compatibility check (one input shape, one class
+count per head name), the refusal of NaN or inf in the models, statistics and merged weights, and the
+optional BatchNorm reset on the merge slice afterwards.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from hetmerge.batchnorm import reset_batchnorm
+from hetmerge.compatibility import first_names, nonfinite
 from hetmerge.merged import MergedModel
 from hetmerge.models import MultiTaskNet
 from hetmerge.params import ParameterError, parse_params
@@ -59,6 +61,10 @@ class MergeContext:
                 raise MergeError(
                     f"statistics of space {name!r} are for widths {stats.widths}, the models have {widths}"
                 )
+        bad = nonfinite({f"{n}.{part}": getattr(s, part) for n, s in self.stats.items() for part in ("mean", "cov")})
+        if bad:
+            spaces = sorted({name.rsplit(".", 1)[0] for name in bad})
+            raise MergeError(f"statistics of feature space(s) {spaces} hold NaN or inf; compute them again")
         return self.stats
 
     def require_batches(self, why: str) -> Callable[[], Iterable[torch.Tensor]]:
@@ -87,6 +93,7 @@ class MergeMethod(abc.ABC):
         if n < self.min_models or (self.max_models is not None and n > self.max_models):
             upper = "any number of" if self.max_models is None else f"at most {self.max_models}"
             raise MergeError(f"method {self.name!r} merges at least {self.min_models} and {upper} models; got {n}")
+        require_same_inputs_and_heads(self.name, models)
 
     @abc.abstractmethod
     def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
@@ -94,14 +101,50 @@ class MergeMethod(abc.ABC):
 
     def __call__(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
         self.check(models)
-        return self.finish(self.combine([m.to(ctx.device).eval() for m in models], ctx), ctx)
+        models = [m.to(ctx.device).eval() for m in models]
+        for i, model in enumerate(models):
+            bad = nonfinite(model.state_dict())
+            if bad:
+                raise MergeError(
+                    f"method {self.name!r}: model {i} holds NaN or inf in {first_names(bad)}; merging it would spread "
+                    "them into every merged weight: check its training"
+                )
+        return self.finish(self.combine(models, ctx), ctx)
 
     def finish(self, merged: MergedModel, ctx: MergeContext) -> MergedModel:
-        """What follows every merge: the BatchNorm reset on the merge slice, then evaluation mode."""
+        """What follows every merge: the BatchNorm reset on the merge slice, evaluation mode, and the refusal of
+        NaN or inf in the result (a merged model that answers NaN must never be saved)."""
         merged = merged.to(ctx.device)
         if self.params.reset_bn:
             reset_batchnorm(merged, ctx.require_batches(f"{self.name}: reset_bn")())
+        bad = nonfinite(merged.state_dict())
+        if bad:
+            why = "the merge data of the BatchNorm reset, " if self.params.reset_bn else ""
+            raise MergeError(
+                f"method {self.name!r}: the merged model holds NaN or inf in {first_names(bad)}; check {why}the "
+                "models' weights (overflow?) and the method's parameters"
+            )
         return merged.eval()
+
+
+def require_same_inputs_and_heads(method: str, models: Sequence[MultiTaskNet]) -> None:
+    """Every method runs one input batch through all models and joins heads by name, so the models must take
+    one input shape, and a head name shared by two models must have one class count."""
+    for i, model in enumerate(models[1:], start=1):
+        if model.input_shape != models[0].input_shape:
+            raise MergeError(
+                f"method {method!r}: model 0 takes inputs of shape {models[0].input_shape} but model {i} takes "
+                f"{model.input_shape}; models of one merge must read the same images"
+            )
+    seen: dict[str, tuple[int, int]] = {}
+    for i, model in enumerate(models):
+        for task, head in model.heads.items():
+            first, n = seen.setdefault(task, (i, head.out_features))
+            if head.out_features != n:
+                raise MergeError(
+                    f"method {method!r}: head {task!r} has {n} classes in model {first} but {head.out_features} in "
+                    f"model {i}; models sharing a task head must be trained on the same classes of that task"
+                )
 
 
 def require_same_architecture(method: str, models: Sequence[MultiTaskNet]) -> None:

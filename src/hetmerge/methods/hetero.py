@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
@@ -34,6 +34,7 @@ from hetmerge.methods.base import (
 )
 from hetmerge.methods.spacewise import assemble, target_architecture
 from hetmerge.models import MultiTaskNet
+from hetmerge.params import Range
 from hetmerge.statistics import collect_statistics
 
 
@@ -46,11 +47,11 @@ class HeteroParams(MethodParams):
 
     strategy: str = "segment"
     solver: Literal["zip", "align"] = "zip"
-    lam: float = 1.0
-    alpha: float = 0.5
-    beta: float = 1.0
-    max_sweeps: int = 100
-    patience: int = 5
+    lam: Annotated[float, Range(0, 1)] = 1.0
+    alpha: Annotated[float, Range(0, 1)] = 0.5
+    beta: Annotated[float, Range(0, 1)] = 1.0
+    max_sweeps: Annotated[int, Range(1)] = 100
+    patience: Annotated[int, Range(1)] = 5
 
 
 def _deepest(models: Sequence[MultiTaskNet]) -> tuple[int, list[list[int]]]:
@@ -74,8 +75,6 @@ class Hetero(MergeMethod):
         super().__init__(params)
         if params.strategy not in STRATEGIES:
             raise MergeError(f"method 'hetero': unknown strategy {params.strategy!r}; known: {sorted(STRATEGIES)}")
-        if not 0.0 <= params.lam <= 1.0:
-            raise MergeError(f"method 'hetero': λ must lie in [0, 1], got {params.lam}")
 
     def keeps_first_basis(self) -> bool:
         return False  # the shallower model is padded: its blocks move

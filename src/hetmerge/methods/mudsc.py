@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from hetmerge.matching.dual_space import dual_space_matching
 from hetmerge.matching.solvers import make_solver
@@ -20,47 +20,49 @@ from hetmerge.merged import MergedModel
 from hetmerge.methods.base import (
     MergeContext,
     MergeError,
-    MergeMethod,
     MethodParams,
     register,
 )
 from hetmerge.methods.spacewise import assemble, target_architecture
-from hetmerge.methods.zipit import require_alpha_fits
+from hetmerge.methods.zipit import ZipMethod, zip_fit
 from hetmerge.models import MultiTaskNet
+from hetmerge.params import Range
+
+Share = Annotated[float, Range(0, 1)]
 
 
 @dataclass(frozen=True)
 class MuDSCParams(MethodParams):
-    """`lam` is the activation share of the similarity (MuDSC's fix_rate is 1 − lam); α/β as in ZipIt!.
+    """`lam` ∈ [0, 1] is the activation share of the similarity (MuDSC's fix_rate is 1 − lam); α/β as in ZipIt!.
 
     Defaults follow the MuDSC code: α 0.5, β 1, the 9-value grid 0.1…0.9, up to 100 sweeps, patience 5.
     """
 
     solver: Literal["align", "zip"] = "zip"
-    lam: float | None = None
-    lam_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    alpha: float = 0.5
-    beta: float = 1.0
-    max_sweeps: int = 100
-    patience: int = 5
+    lam: Share | None = None
+    lam_grid: tuple[Share, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    alpha: Annotated[float, Range(0, 1)] = 0.5
+    beta: Annotated[float, Range(0, 1)] = 1.0
+    max_sweeps: Annotated[int, Range(1)] = 100
+    patience: Annotated[int, Range(1)] = 5
 
 
 @register
-class MuDSC(MergeMethod):
+class MuDSC(ZipMethod):
     name = "mudsc"
     Params = MuDSCParams
     uses_statistics = True
 
     def __init__(self, params: MuDSCParams) -> None:
         super().__init__(params)
-        lams = params.lam_grid if params.lam is None else (params.lam,)
-        if not lams or any(not 0.0 <= v <= 1.0 for v in lams):
-            raise MergeError(f"method 'mudsc': λ values must lie in [0, 1], got {list(lams)}")
+        if params.lam is None and not params.lam_grid:
+            raise MergeError("method 'mudsc': with lam null, λ is chosen from lam_grid, which is empty; list λ values")
 
-    def check(self, models: Sequence[MultiTaskNet]) -> None:
-        super().check(models)
-        if self.params.solver == "zip":
-            require_alpha_fits(self.name, self.params.alpha, len(models))
+    def zip_note(self, models: Sequence[MultiTaskNet]) -> str | None:
+        target_architecture(self.name, models, self.params.solver)
+        if self.params.solver == "align":
+            return None
+        return zip_fit(self.name, models, self.params.alpha, self.params.beta)
 
     def keeps_first_basis(self) -> bool:
         return self.params.solver == "align"

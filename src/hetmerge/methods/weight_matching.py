@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
@@ -13,11 +14,14 @@ from hetmerge.merged import MergedModel
 from hetmerge.methods.base import MergeContext, MergeMethod, MethodParams, register, require_same_architecture
 from hetmerge.methods.spacewise import assemble, reject_groups
 from hetmerge.models import MultiTaskNet
+from hetmerge.params import Range
 
 
 @dataclass(frozen=True)
 class WeightMatchingParams(MethodParams):
-    max_iter: int = 100
+    """`max_iter` ≥ 1 bounds the sweeps over all spaces (each model against model 0) until nothing changes."""
+
+    max_iter: Annotated[int, Range(1)] = 100
 
 
 @register

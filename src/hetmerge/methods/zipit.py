@@ -6,9 +6,12 @@ different widths are zipped elastically into the widest (algorithms.md §4.6).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
+from hetmerge.matching.greedy_zip import min_beta, zip_guaranteed, zip_possible
 from hetmerge.matching.solvers import Zip
 from hetmerge.merged import MergedModel
 from hetmerge.methods.base import (
@@ -19,43 +22,96 @@ from hetmerge.methods.base import (
     register,
     require_same_structure,
 )
-from hetmerge.methods.spacewise import assemble, match_activations, resolve_cut
+from hetmerge.methods.spacewise import assemble, match_activations, resolve_cut, spaces_before
 from hetmerge.models import MultiTaskNet
+from hetmerge.params import Range
 
 
-def require_alpha_fits(method: str, alpha: float, n_models: int) -> None:
-    """α ≤ 0 never merges a merged unit again (greedy_zip): fine for two models, impossible for three or more."""
-    if alpha <= 0 and n_models >= 3:
+class ZipBudgetWarning(UserWarning):
+    """β does not guarantee that the greedy zip of these models finishes: depending on the models'
+    similarities it may stop with "no admissible pair is left" (greedy_zip's module docstring says when)."""
+
+
+def zip_widths(models: Sequence[MultiTaskNet], cut: int | None = None) -> dict[str, list[int]]:
+    """The widths each greedy zip of these models sees, per zipped space: the models' widths, or for a grouped
+    space the group size (its units are zipped inside paired groups)."""
+    graphs = [m.space_graph() for m in models]
+    return {s.name: [g[s.name].width // s.groups for g in graphs] for s in spaces_before(models[0], cut)}
+
+
+def zip_fit(
+    method: str, models: Sequence[MultiTaskNet], alpha: float, beta: float, cut: int | None = None
+) -> str | None:
+    """Refuse (MergeError) a zip of `models` that no similarity lets finish; return a note naming the β that
+    guarantees it where `beta` does not (greedy_zip's module docstring has the bound), else None."""
+    widths = zip_widths(models, cut)
+    impossible = [name for name, w in widths.items() if not zip_possible(w, alpha)]
+    if impossible:
+        w = widths[impossible[0]]
         raise MergeError(
-            f"method {method!r}: α = {alpha} ≤ 0 never merges a merged unit again, so a merged unit holds at most "
-            f"two units and can never absorb a third model's unit; {n_models} models of width d cannot shrink to "
-            "d units. Use α > 0 (e.g. 1e-4) to zip three or more models"
+            f"method {method!r}: α = {alpha} never merges a merged unit again, so a merged unit holds at most two "
+            f"units and can never absorb a third model's unit; {len(models)} models of widths {w} (space "
+            f"{impossible[0]!r}{_more(impossible)}) cannot shrink to {max(w)} units. Use α > 0 (e.g. 1e-4) to zip "
+            "three or more models"
         )
+    weak = [name for name, w in widths.items() if not zip_guaranteed(w, alpha, beta)]
+    if not weak:
+        return None
+    needed = {name: min_beta(widths[name], alpha) for name in weak}
+    worst = max(weak, key=lambda name: 2.0 if needed[name] is None else needed[name])
+    cure = "no β ≤ 1 guarantees it" if needed[worst] is None else f"β ≥ {needed[worst]:g} always zips them"
+    return (
+        f"method {method!r}: β = {beta} does not guarantee the greedy zip of {len(models)} models: with widths "
+        f"{widths[worst]} (space {worst!r}{_more(weak)}) it may run out of admissible pairs, depending on the "
+        f"models' similarities; {cure}"
+    )
+
+
+class ZipMethod(MergeMethod):
+    """A method that may zip (zipit, mudsc): before any statistics are spent, `check` refuses a zip no
+    similarity can finish and warns (ZipBudgetWarning) where β does not guarantee one. The pipeline reports
+    `zip_note` at start-up, before training."""
+
+    def zip_note(self, models: Sequence[MultiTaskNet]) -> str | None:
+        """`zip_fit` for this method's parameters (None where it does not zip); raises MergeError for models it
+        cannot merge at all."""
+        return None
+
+    def check(self, models: Sequence[MultiTaskNet]) -> None:
+        super().check(models)
+        note = self.zip_note(models)
+        if note is not None:
+            warnings.warn(note, ZipBudgetWarning, stacklevel=3)
+
+
+def _more(names: Sequence[str]) -> str:
+    return f", and {len(names) - 1} more" if len(names) > 1 else ""
 
 
 @dataclass(frozen=True)
 class ZipItParams(MethodParams):
-    """α discounts repeat merges of an already merged unit (α ≤ 0 forbids them: two models only); β bounds
-    same-model merges (ZipIt! §4.3).
+    """α ∈ [0, 1] discounts repeat merges of an already merged unit (α = 0 forbids them: two models only, see
+    greedy_zip); β ∈ [0, 1] scales the same-model merge budgets (ZipIt! §4.3).
 
     `stop_after` names the last body unit that is zipped (e.g. "s2b2" for ResNet-20's 13/20); the rest of
     every model is kept and answers through its own heads.
     """
 
-    alpha: float = 0.3
-    beta: float = 0.125
+    alpha: Annotated[float, Range(0, 1)] = 0.3
+    beta: Annotated[float, Range(0, 1)] = 0.125
     stop_after: str | None = None
 
 
 @register
-class ZipIt(MergeMethod):
+class ZipIt(ZipMethod):
     name = "zipit"
     Params = ZipItParams
     uses_statistics = True
 
-    def check(self, models: Sequence[MultiTaskNet]) -> None:
-        super().check(models)
-        require_alpha_fits(self.name, self.params.alpha, len(models))
+    def zip_note(self, models: Sequence[MultiTaskNet]) -> str | None:
+        require_same_structure(self.name, models)
+        cut = resolve_cut(models[0], self.params.stop_after)
+        return zip_fit(self.name, models, self.params.alpha, self.params.beta, cut)
 
     def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
         widest = require_same_structure(self.name, models)
