@@ -7,8 +7,7 @@ import warnings
 
 from snakemake.exceptions import WorkflowError
 
-from hetmerge.methods import REGISTRY, MergeError, build_method
-from hetmerge.methods.zipit import ZipBudgetWarning, ZipMethod
+from hetmerge.methods import REGISTRY, MergeError, MethodWarning, build_method
 from hetmerge.data import dataset_info
 from hetmerge.models import build_model
 from hetmerge.params import as_dict, parse_params
@@ -87,33 +86,21 @@ def _check_config():
 
 def _check_merge(experiment, row, models):
     """The method's own check on freshly built models of the experiment's architectures: model counts,
-    structure, and zip feasibility (a zip no similarity can finish is refused; one that β does not guarantee
-    is reported, with the β that does)."""
-    method = config["methods"][row]["method"]
-    cls = REGISTRY[method]
-    n = len(models)
-    if n < cls.min_models or (cls.max_models is not None and n > cls.max_models):
-        if cls.max_models is None:
-            counts = f"{cls.min_models} or more"
-        elif cls.min_models == cls.max_models:
-            counts = f"exactly {cls.min_models}"
-        else:
-            counts = f"{cls.min_models} to {cls.max_models}"
-        raise WorkflowError(
-            f"experiments.{experiment}.methods: {row!r} (method {method!r}) merges {counts} models, "
-            f"but the experiment has {n} ({config['experiments'][experiment]['models']}); "
-            "remove the row or change the experiment's models"
-        )
-    merger = build_method(method, config["methods"][row]["params"])
+    structure, and its `risk` (e.g. a zip no similarity can finish is refused; one that β does not guarantee is
+    reported, naming the experiment)."""
+    merger = build_method(config["methods"][row]["method"], config["methods"][row]["params"])
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ZipBudgetWarning)  # reported below, naming the experiment
+            warnings.simplefilter("ignore", MethodWarning)  # reported below, naming the experiment
             merger.check(models)
-        note = merger.zip_note(models) if isinstance(merger, ZipMethod) else None
+        risk = merger.risk(models)
     except MergeError as err:
-        raise WorkflowError(f"experiments.{experiment}.methods: {row!r} cannot merge its models: {err}") from err
-    if note is not None:
-        print(f"warning: experiments.{experiment}, row {row!r}: {note}", file=sys.stderr)
+        raise WorkflowError(
+            f"experiments.{experiment}.methods: {row!r} cannot merge its models: {err}; remove the row or change "
+            f"the experiment's models {config['experiments'][experiment]['models']}"
+        ) from err
+    if risk is not None:
+        print(f"warning: experiments.{experiment}, row {row!r}: {risk}", file=sys.stderr)
 
 
 def train_settings(arch):

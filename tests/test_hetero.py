@@ -133,5 +133,5 @@ def test_errors_name_the_problem(data):
         build_method("hetero", {"strategy": "diagonal"})
     with pytest.raises(MergeError, match="differ at most in width"):
         merge([resnet, fresh("resnet", {"depth": 14, "width": 0.25}, {"B": 3}, 2)], "zipit", data=data)
-    with pytest.raises(MergeError, match="at most 2"):
+    with pytest.raises(MergeError, match="merges exactly 2 models, but got 3"):
         merge([resnet] * 3, "hetero", data=data)

@@ -407,8 +407,8 @@ def three_models(experiment, **zipit):
         # hetero merges two models: this failed after training, in the merge job
         (
             three_models("depth"),
-            "experiments.depth.methods: 'het_sma_zip' (method 'hetero') merges exactly 2 models, "
-            "but the experiment has 3",
+            "experiments.depth.methods: 'het_sma_zip' cannot merge its models: "
+            "method 'hetero' merges exactly 2 models, but got 3",
         ),
         # α = 0 never merges a merged unit again: three models can never be zipped
         (

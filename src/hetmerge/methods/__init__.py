@@ -7,6 +7,7 @@ from hetmerge.methods.base import (
     MergeError,
     MergeMethod,
     MethodParams,
+    MethodWarning,
     build_method,
     register,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "MergeError",
     "MergeMethod",
     "MethodParams",
+    "MethodWarning",
     "average",
     "build_method",
     "ensemble",

@@ -9,6 +9,7 @@ optional BatchNorm reset on the merge slice afterwards.
 from __future__ import annotations
 
 import abc
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -25,6 +26,11 @@ from hetmerge.statistics import SpaceStats, collect_statistics
 
 class MergeError(ValueError):
     """These models cannot be merged by this method; the message says why."""
+
+
+class MethodWarning(UserWarning):
+    """`check` found the models mergeable but at risk (e.g. a zip β does not guarantee); the pipeline reports
+    these at start-up, naming the experiment, before any training."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class MergeContext:
 class MergeMethod(abc.ABC):
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
+    risk_warning: ClassVar[type[MethodWarning]] = MethodWarning  # what `check` warns with
     min_models: ClassVar[int] = 2
     max_models: ClassVar[int | None] = None
     uses_statistics: ClassVar[bool] = False  # the pipeline then feeds it the statistics stage's output
@@ -91,9 +98,23 @@ class MergeMethod(abc.ABC):
         """Reject inputs this method cannot merge, saying why."""
         n = len(models)
         if n < self.min_models or (self.max_models is not None and n > self.max_models):
-            upper = "any number of" if self.max_models is None else f"at most {self.max_models}"
-            raise MergeError(f"method {self.name!r} merges at least {self.min_models} and {upper} models; got {n}")
+            if self.max_models is None:
+                counts = f"{self.min_models} or more"
+            elif self.min_models == self.max_models:
+                counts = f"exactly {self.min_models}"
+            else:
+                counts = f"{self.min_models} to {self.max_models}"
+            raise MergeError(f"method {self.name!r} merges {counts} models, but got {n}")
         require_same_inputs_and_heads(self.name, models)
+        risk = self.risk(models)
+        if risk is not None:
+            warnings.warn(risk, self.risk_warning, stacklevel=3)
+
+    def risk(self, models: Sequence[MultiTaskNet]) -> str | None:
+        """Beyond the checks every method shares: refuse (MergeError) models this method can never merge, and
+        say where a merge may still fail (None: nothing to say). Cheap and data-free, so the pipeline asks it
+        at start-up, before any model is trained."""
+        return None
 
     @abc.abstractmethod
     def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:

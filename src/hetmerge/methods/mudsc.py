@@ -20,11 +20,12 @@ from hetmerge.merged import MergedModel
 from hetmerge.methods.base import (
     MergeContext,
     MergeError,
+    MergeMethod,
     MethodParams,
     register,
 )
 from hetmerge.methods.spacewise import assemble, target_architecture
-from hetmerge.methods.zipit import ZipMethod, zip_fit
+from hetmerge.methods.zipit import ZipBudgetWarning, zip_fit
 from hetmerge.models import MultiTaskNet
 from hetmerge.params import Range
 
@@ -48,17 +49,18 @@ class MuDSCParams(MethodParams):
 
 
 @register
-class MuDSC(ZipMethod):
+class MuDSC(MergeMethod):
     name = "mudsc"
     Params = MuDSCParams
     uses_statistics = True
+    risk_warning = ZipBudgetWarning
 
     def __init__(self, params: MuDSCParams) -> None:
         super().__init__(params)
         if params.lam is None and not params.lam_grid:
             raise MergeError("method 'mudsc': with lam null, λ is chosen from lam_grid, which is empty; list λ values")
 
-    def zip_note(self, models: Sequence[MultiTaskNet]) -> str | None:
+    def risk(self, models: Sequence[MultiTaskNet]) -> str | None:
         target_architecture(self.name, models, self.params.solver)
         if self.params.solver == "align":
             return None

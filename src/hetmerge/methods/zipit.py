@@ -6,7 +6,6 @@ different widths are zipped elastically into the widest (algorithms.md §4.6).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
@@ -19,6 +18,7 @@ from hetmerge.methods.base import (
     MergeError,
     MergeMethod,
     MethodParams,
+    MethodWarning,
     register,
     require_same_structure,
 )
@@ -27,7 +27,7 @@ from hetmerge.models import MultiTaskNet
 from hetmerge.params import Range
 
 
-class ZipBudgetWarning(UserWarning):
+class ZipBudgetWarning(MethodWarning):
     """β does not guarantee that the greedy zip of these models finishes: depending on the models'
     similarities it may stop with "no admissible pair is left" (greedy_zip's module docstring says when)."""
 
@@ -67,23 +67,6 @@ def zip_fit(
     )
 
 
-class ZipMethod(MergeMethod):
-    """A method that may zip (zipit, mudsc): before any statistics are spent, `check` refuses a zip no
-    similarity can finish and warns (ZipBudgetWarning) where β does not guarantee one. The pipeline reports
-    `zip_note` at start-up, before training."""
-
-    def zip_note(self, models: Sequence[MultiTaskNet]) -> str | None:
-        """`zip_fit` for this method's parameters (None where it does not zip); raises MergeError for models it
-        cannot merge at all."""
-        return None
-
-    def check(self, models: Sequence[MultiTaskNet]) -> None:
-        super().check(models)
-        note = self.zip_note(models)
-        if note is not None:
-            warnings.warn(note, ZipBudgetWarning, stacklevel=3)
-
-
 def _more(names: Sequence[str]) -> str:
     return f", and {len(names) - 1} more" if len(names) > 1 else ""
 
@@ -103,12 +86,13 @@ class ZipItParams(MethodParams):
 
 
 @register
-class ZipIt(ZipMethod):
+class ZipIt(MergeMethod):
     name = "zipit"
     Params = ZipItParams
     uses_statistics = True
+    risk_warning = ZipBudgetWarning
 
-    def zip_note(self, models: Sequence[MultiTaskNet]) -> str | None:
+    def risk(self, models: Sequence[MultiTaskNet]) -> str | None:
         require_same_structure(self.name, models)
         cut = resolve_cut(models[0], self.params.stop_after)
         return zip_fit(self.name, models, self.params.alpha, self.params.beta, cut)
