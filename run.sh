@@ -12,7 +12,7 @@ key=$( (cat envs/requirements.txt; "$python" --version) | sha256sum | cut -c1-16
 venv=${HETMERGE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/hetmerge/venv-$key}
 
 # System packages: the default dataset (Debian's Fashion-MNIST) and LaTeX for the paper tables.
-apt_packages=(dataset-fashion-mnist texlive-latex-base texlive-latex-recommended texlive-latex-extra latexmk)
+apt_packages=(dataset-fashion-mnist texlive-latex-base texlive-latex-recommended texlive-latex-extra lmodern latexmk)
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ -z "${HETMERGE_NO_APT:-}" ]; then
   missing=()
   for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

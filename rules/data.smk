@@ -1,9 +1,9 @@
 rule dataset:
     """Find the dataset locally (configured roots) or download it with checksums; store it prepared."""
     output:
-        data_path(),
+        PLAN["data"]["path"],
     params:
-        dataset=DATASET,
+        dataset=PLAN["data"]["dataset"],
         roots=config["dataset"]["roots"],
         download="--download" if config["dataset"]["download"] else "--no-download",
         download_root=config["dataset"]["download_root"],
@@ -11,7 +11,7 @@ rule dataset:
     conda:
         "../envs/hetmerge.yaml"
     log:
-        f"{RESULTS}/logs/dataset/{DATASET}.log",
+        f"{RESULTS}/logs/dataset/{PLAN['data']['dataset']}.log",
     shell:
         "python -m hetmerge data --dataset {params.dataset:q} --roots {params.roots:q} "
         "{params.download:q} {params.verify:q} --download-root {params.download_root:q} --out {output:q} > {log:q} 2>&1"
@@ -20,18 +20,19 @@ rule dataset:
 rule split:
     """Class-disjoint tasks and a held-out merge slice, drawn from one seed."""
     input:
-        data_path(),
+        PLAN["data"]["path"],
     output:
-        split_path("{ntasks}", "{seed}"),
+        f"{RESULTS}/splits/{{name}}.json",
     params:
-        merge_per_class=config["split"]["merge_per_class"],
-        train_per_task=as_json(config["split"]["train_per_task"]),
-        test_per_task=as_json(config["split"]["test_per_task"]),
+        args=field("split", "args"),
+        train_per_task=as_json("split", "args", "train_per_task"),
+        test_per_task=as_json("split", "args", "test_per_task"),
+        code=field("split", "code"),
     conda:
         "../envs/hetmerge.yaml"
     log:
-        f"{RESULTS}/logs/split/{DATASET}/t{{ntasks}}-s{{seed}}.log",
+        stage_log("split"),
     shell:
-        "python -m hetmerge split --data {input:q} --seed {wildcards.seed:q} --num-tasks {wildcards.ntasks:q} "
-        "--merge-per-class {params.merge_per_class:q} --train-per-task {params.train_per_task:q} "
+        "python -m hetmerge split --data {input:q} --seed {params.args[seed]:q} --num-tasks {params.args[num_tasks]:q} "
+        "--merge-per-class {params.args[merge_per_class]:q} --train-per-task {params.train_per_task:q} "
         "--test-per-task {params.test_per_task:q} --out {output:q} > {log:q} 2>&1"

@@ -1,13 +1,14 @@
 rule statistics:
-    """Activation extraction: mean and covariance of every feature space of an experiment's models."""
+    """Activation extraction: mean and covariance of every feature space of one ordered list of models."""
     input:
-        data=data_path(),
-        split=experiment_split,
-        models=experiment_models,
+        data=PLAN["data"]["path"],
+        split=field("statistics", "split"),
+        models=field("statistics", "models"),
     output:
-        stats_path("{seed}", "{experiment}"),
+        f"{RESULTS}/stats/{{name}}.safetensors",
     params:
-        batch_size=COMPUTE["merge_batch_size"],
+        args=field("statistics", "args"),
+        code=field("statistics", "code"),
         device=COMPUTE["device"],
     threads: 1
     resources:
@@ -15,26 +16,27 @@ rule statistics:
     conda:
         "../envs/hetmerge.yaml"
     log:
-        f"{RESULTS}/logs/statistics/{DATASET}/s{{seed}}/{{experiment}}.log",
+        stage_log("statistics"),
     benchmark:
-        f"{RESULTS}/benchmarks/statistics/{DATASET}/s{{seed}}/{{experiment}}.tsv"
+        stage_benchmark("statistics")
     shell:
         "python -m hetmerge statistics --data {input.data:q} --split {input.split:q} --models {input.models:q} "
-        "--batch-size {params.batch_size:q} --device {params.device:q} --threads {threads} "
+        "--batch-size {params.args[batch_size]:q} --device {params.device:q} --threads {threads} "
         "--out {output:q} > {log:q} 2>&1"
 
 
-rule merge:
-    """Merge one experiment's models of one split seed with one configured method."""
+rule precompute:
+    """An input some methods read (e.g. hetero's depth alignment: block CKA and every strategy's positions),
+    computed once per ordered list of models and seed."""
     input:
-        unpack(merge_inputs),
+        data=PLAN["data"]["path"],
+        split=field("precompute", "split"),
+        models=field("precompute", "models"),
     output:
-        f"{RESULTS}/merges/{DATASET}/s{{seed}}/{{experiment}}/{{method}}.safetensors",
+        f"{RESULTS}/precomputed/{{name}}.json",
     params:
-        method=lambda wc: config["methods"][wc.method]["method"],
-        params=lambda wc: as_json(config["methods"][wc.method]["params"]),
-        stats=lambda wc, input: ["--stats", input.stats] if "stats" in input.keys() else [],
-        batch_size=COMPUTE["merge_batch_size"],
+        args=field("precompute", "args"),
+        code=field("precompute", "code"),
         device=COMPUTE["device"],
     threads: 1
     resources:
@@ -42,10 +44,57 @@ rule merge:
     conda:
         "../envs/hetmerge.yaml"
     log:
-        f"{RESULTS}/logs/merge/{DATASET}/s{{seed}}/{{experiment}}/{{method}}.log",
+        stage_log("precompute"),
     benchmark:
-        f"{RESULTS}/benchmarks/merge/{DATASET}/s{{seed}}/{{experiment}}/{{method}}.tsv"
+        stage_benchmark("precompute")
+    shell:
+        "python -m hetmerge precompute --data {input.data:q} --split {input.split:q} --models {input.models:q} "
+        "--name {params.args[name]:q} --batch-size {params.args[batch_size]:q} --device {params.device:q} "
+        "--threads {threads} --out {output:q} > {log:q} 2>&1"
+
+
+def merge_inputs(wc):
+    entry = job("merge")(wc)
+    inputs = {"data": PLAN["data"]["path"], "split": entry["split"], "models": entry["models"]}
+    inputs.update(stats=entry.get("stats", []), precomputed=list(entry.get("precomputed", {}).values()))
+    return inputs
+
+
+def merge_options(wc):
+    """`--stats PATH` and `--precomputed NAME=PATH ...` for the inputs the method reads."""
+    entry = job("merge")(wc)
+    options = ["--stats", entry["stats"]] if "stats" in entry else []
+    if "precomputed" in entry:
+        options += ["--precomputed", *(f"{name}={path}" for name, path in entry["precomputed"].items())]
+    return options
+
+
+rule merge:
+    """Merge one ordered list of models with one method and its parameters; evaluate the merge (result JSON)."""
+    input:
+        unpack(merge_inputs),
+    output:
+        model=f"{RESULTS}/merges/{{name}}.safetensors",
+        result=f"{RESULTS}/merges/{{name}}.json",
+    params:
+        args=field("merge", "args"),
+        params=as_json("merge", "args", "params"),
+        options=merge_options,
+        code=field("merge", "code"),
+        device=COMPUTE["device"],
+    threads: 1
+    resources:
+        gpu=GPU_SLOTS,
+    conda:
+        "../envs/hetmerge.yaml"
+    log:
+        stage_log("merge"),
+    benchmark:
+        stage_benchmark("merge")
     shell:
         "python -m hetmerge merge --data {input.data:q} --split {input.split:q} --models {input.models:q} "
-        "--method {params.method:q} --params {params.params:q} {params.stats:q} --batch-size {params.batch_size:q} "
-        "--seed {wildcards.seed:q} --device {params.device:q} --threads {threads} --out {output:q} > {log:q} 2>&1"
+        "--method {params.args[method]:q} --params {params.params:q} {params.options:q} "
+        "--curve-values {params.args[curve_values]:q} --batch-size {params.args[batch_size]:q} "
+        "--eval-batch-size {params.args[eval_batch_size]:q} --seed {params.args[seed]:q} "
+        "--device {params.device:q} --threads {threads} --out {output.model:q} --result {output.result:q} "
+        "> {log:q} 2>&1"

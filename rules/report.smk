@@ -1,38 +1,35 @@
 rule report:
-    """LaTeX tables (Jinja2) with HTML twins, matplotlib figures, results.csv, the provenance table and a main.tex
-    that includes the tables and figures. `snakemake --report` shows the files marked in REPORT_SHOWN."""
+    """Tables (LaTeX and HTML from one table), figures, CSVs and main.tex: every layout's declared files. Reads
+    only result JSON files and the report spec (labels, rows, tables), so it needs no torch and a label edit
+    reruns nothing else. `snakemake --report` shows the files whose layouts give a caption."""
     input:
-        results=all_eval_paths(),
-        analysis=all_analysis_paths(),
+        REPORT["inputs"],
     output:
-        main=report_outputs()[0],
-        rest=[report_output(*item) for item in report_items()[1:]],
+        [report_output(output) for output in REPORT["outputs"]],
     params:
-        out_dir=lambda wc, output: os.path.dirname(output.main),
-        title=config["report"]["title"],
-        order=method_order(),
+        spec=json.dumps(REPORT["spec"], sort_keys=True),
+        code=REPORT["code"],
+        folder=REPORT["folder"],
     conda:
         "../envs/hetmerge.yaml"
     log:
-        f"{RESULTS}/logs/report.log",
+        f"{RESULTS}/logs/report/{NAME}.log",
     shell:
-        "python -m hetmerge report --results {input.results:q} --analysis {input.analysis:q} "
-        "--out-dir {params.out_dir:q} --title {params.title:q} "
-        "--method-order {params.order:q} > {log:q} 2>&1"
+        'python -m hetmerge report --plan "$HETMERGE_PLAN" --out-dir {params.folder:q} > {log:q} 2>&1'
 
 
 rule paper_pdf:
-    """Optional: compile results/paper/main.tex (needs a LaTeX installation)."""
+    """Optional: compile the report's main.tex (needs a LaTeX installation)."""
     input:
-        report_outputs(),
+        REPORT_FILES,
     output:
-        f"{RESULTS}/paper/main.pdf",
+        f"{REPORT['folder']}/main.pdf",
     params:
-        paper=lambda wc, output: os.path.dirname(output[0]),
+        paper=REPORT["folder"],
         log=lambda wc, log: os.path.abspath(log[0]),
     conda:
         "../envs/hetmerge.yaml"
     log:
-        f"{RESULTS}/logs/paper_pdf.log",
+        f"{RESULTS}/logs/paper_pdf/{NAME}.log",
     shell:
         "cd {params.paper:q} && latexmk -pdf -interaction=nonstopmode -halt-on-error main.tex > {params.log:q} 2>&1"

@@ -1,19 +1,20 @@
 rule train:
-    """One base model on one task. Claims a free GPU itself when several are visible (see devices.py).
+    """One base model on one task, evaluated on the test set (result JSON next to it). Claims a free GPU itself
+    when several are visible (see devices.py).
 
     Training state is kept next to the output (`<output>.resume`, not an output: a failed job keeps it and the
     rerun resumes) and deleted once the model is saved."""
     input:
-        data=data_path(),
-        split=split_path("{ntasks}", "{seed}"),
+        data=PLAN["data"]["path"],
+        split=field("train", "split"),
     output:
-        model_path("{ntasks}", "{seed}", "{arch}", "{task}"),
+        model=f"{RESULTS}/models/{{name}}.safetensors",
+        result=f"{RESULTS}/models/{{name}}.json",
     params:
-        model=lambda wc: as_json(
-            {"family": config["architectures"][wc.arch]["family"], "spec": config["architectures"][wc.arch]["spec"]}
-        ),
-        train=lambda wc: as_json(train_settings(wc.arch)),
-        seed=lambda wc: 1000 * int(wc.seed) + 100 * int(wc.ntasks) + string.ascii_uppercase.index(wc.task),
+        args=field("train", "args"),
+        model=as_json("train", "args", "model"),
+        train=as_json("train", "args", "train"),
+        code=field("train", "code"),
         device=COMPUTE["device"],
     threads: COMPUTE["train_threads"]
     resources:
@@ -21,11 +22,11 @@ rule train:
     conda:
         "../envs/hetmerge.yaml"
     log:
-        f"{RESULTS}/logs/train/{DATASET}/t{{ntasks}}-s{{seed}}/{{arch}}-{{task}}.log",
+        stage_log("train"),
     benchmark:
-        f"{RESULTS}/benchmarks/train/{DATASET}/t{{ntasks}}-s{{seed}}/{{arch}}-{{task}}.tsv"
+        stage_benchmark("train")
     shell:
-        "python -m hetmerge train --data {input.data:q} --split {input.split:q} --task {wildcards.task:q} "
-        "--model {params.model:q} --train {params.train:q} --seed {params.seed:q} "
-        "--device {params.device:q} --threads {threads} "
-        "--out {output:q} > {log:q} 2>&1"
+        "python -m hetmerge train --data {input.data:q} --split {input.split:q} --task {params.args[task]:q} "
+        "--model {params.model:q} --train {params.train:q} --seed {params.args[seed]:q} "
+        "--eval-batch-size {params.args[eval_batch_size]:q} --device {params.device:q} --threads {threads} "
+        "--out {output.model:q} --result {output.result:q} > {log:q} 2>&1"

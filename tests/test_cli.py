@@ -63,15 +63,25 @@ def test_model_without_family_is_a_one_line_error(
 
 
 def test_report_names_a_truncated_result_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
-    good.write_text("[]")
-    bad.write_text('[{"method": "zipit", "metrics": {"joint"')
-    line = error_line(capsys, ["report", "--results", str(good), str(bad), "--out-dir", str(tmp_path / "out")])
-    assert line.startswith(f"hetmerge report: error: {bad} is not valid JSON (")
-    assert line.endswith("delete it and rerun snakemake, which remakes it")
-    bad.write_text("[1, 2]")
-    line = error_line(capsys, ["report", "--results", str(bad), "--out-dir", str(tmp_path / "out")])
-    assert line.endswith(f"error: {bad}: expected a JSON object or a list of objects (hetmerge evaluate's output)")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"kind": "base", "metrics": {"joint"')
+    row = {"key": "model_a", "label": "Model A", "kind": "base", "results": {"0": str(bad)}}
+    experiment = {"key": "e", "label": "E", "layout": "standard", "group": "e", "models": ["m", "m"]}
+    spec = {
+        "title": "t",
+        "name": "t",
+        "dataset": {"name": "digits", "label": "Digits"},
+        "seeds": [0],
+        "config": {},
+        "experiments": [{**experiment, "model_labels": ["M", "M"], "rows": [row], "analyses": {}}],
+    }
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"report": {"spec": spec}}))
+    line = error_line(capsys, ["report", "--plan", str(plan), "--out-dir", str(tmp_path / "out")])
+    assert line.startswith("hetmerge report: error: ") and str(bad) in line
+    plan.write_text("{}")
+    line = error_line(capsys, ["report", "--plan", str(plan), "--out-dir", str(tmp_path / "out")])
+    assert line.startswith(f"hetmerge report: error: {plan} is not a plan with a report spec")
 
 
 def test_corrupt_input_model_says_to_delete_it(files: Path, tmp_path: Path, make_model) -> None:

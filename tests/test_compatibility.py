@@ -84,13 +84,13 @@ def command(name: str, tmp_path: Path, out: Path) -> list[str]:
     return {
         "statistics": [],
         "merge": ["--method", "average"],
-        "sweep": ["--method", "mudsc", "--param", "lam", "--values", "0.5"],
-        "landscape": ["--merges", str(tmp_path / "m.safetensors"), "--keys", "m", "--labels", "M", "--plane", "m"],
+        "precompute": ["--name", "alignment"],
+        "landscape": ["--merges", str(tmp_path / "m.safetensors"), "--keys", "m", "--plane", "m"],
         "evaluate": [],
     }[name] + ["--out", str(out)]
 
 
-@pytest.mark.parametrize("name", ["statistics", "merge", "sweep", "landscape", "evaluate"])
+@pytest.mark.parametrize("name", ["statistics", "merge", "precompute", "landscape", "evaluate"])
 def test_a_model_of_another_split_is_refused_naming_both_files(capsys, files, tmp_path, name):
     """Model A of split seed 1 on split seed 0 used to give 23 % accuracy, or a merge, with exit code 0."""
     out = tmp_path / "out"
@@ -128,7 +128,7 @@ def test_models_statistics_and_merges_of_one_split_pass_and_record_where_they_co
     assert code == 1 and f"{merged} was trained on split seed 0 of digits, but --split {files['s1']} is seed 1" in err
 
 
-@pytest.mark.parametrize("name", ["merge", "sweep"])
+@pytest.mark.parametrize("name", ["merge"])
 def test_statistics_of_other_models_are_refused(capsys, files, tmp_path, name):
     """Statistics of split 1's models used to be accepted for split 0's models."""
     out = tmp_path / "out"
@@ -218,7 +218,7 @@ def test_landscape_refuses_a_merge_of_other_models(capsys, files, tmp_path):
     code, err = run(capsys, "merge", *inputs(files, "s0", *models), "--method", "average", "--out", str(merged))
     assert code == 0, err
     argv = ["landscape", *inputs(files, "s0", *models[::-1]), "--merges", str(merged), "--keys", "avg"]
-    code, err = run(capsys, *argv, "--labels", "Avg", "--plane", "avg", "--out", str(tmp_path / "l.json"))
+    code, err = run(capsys, *argv, "--plane", "avg", "--out", str(tmp_path / "l.json"))
     assert code == 1 and not (tmp_path / "l.json").exists()
     assert f"merge {merged} was computed from models [{models[0]} (dataset digits" in err
 

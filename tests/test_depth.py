@@ -4,6 +4,7 @@ against brute force, hand-worked cases and literal transcriptions of algorithms.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -17,6 +18,10 @@ from hetmerge.depth import (
     STRATEGIES,
     CKAAccumulator,
     align_depths,
+    alignment_from_record,
+    all_alignments,
+    block_names,
+    depth_alignment,
     get_strategy,
     head_alignment,
     head_tail_alignment,
@@ -428,3 +433,80 @@ def test_input_errors():
         align_depths("head", [4], [0])
     with pytest.raises(ValueError, match="not strictly increasing"):
         segment_score(torch.zeros(4, 3), (0, 2, 2))
+
+
+# --- the alignment record of a pair ----------------------------------------------------------------------
+
+
+def align_or_error(name: str, deep: list[int], shallow: list[int], sim: torch.Tensor) -> dict:
+    try:
+        found = align_depths(name, deep, shallow, sim)
+    except ValueError as err:
+        return {"error": str(err)}
+    return {"positions": [list(p) for p in found.positions], "score": found.score}
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.integers(1, 6).flatmap(lambda d: st.tuples(st.just(d), st.integers(1, d))), min_size=1, max_size=3),
+    st.integers(0, 2**32 - 1),
+)
+def test_all_alignments_are_each_strategys_alignment_or_its_error(stages, seed):
+    deep, shallow = [d for d, _ in stages], [b for _, b in stages]
+    sim = torch.as_tensor(np.random.default_rng(seed).uniform(0, 1, (sum(deep), sum(shallow))))
+    got = all_alignments(sim, deep, shallow)
+    assert list(got) == list(STRATEGIES)
+    for name, entry in got.items():
+        assert entry == align_or_error(name, deep, shallow, sim)
+        if "error" not in entry:
+            assert alignment_from_record({"deep_blocks": deep, "shallow_blocks": shallow, "strategies": got}, name) == (
+                align_depths(name, deep, shallow, sim)
+            )
+
+
+def test_a_strategy_that_cannot_align_is_recorded_not_raised():
+    """10 into 15 blocks: uniform's stride collides, every other strategy still aligns."""
+    sim = torch.rand(15, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = all_alignments(sim, [15], [10])
+    assert set(got["uniform"]) == {"error"} and "colliding positions" in got["uniform"]["error"]
+    assert all("positions" in entry for name, entry in got.items() if name != "uniform")
+    record = {"deep_blocks": [15], "shallow_blocks": [10], "strategies": got}
+    with pytest.raises(ValueError, match="colliding positions"):
+        alignment_from_record(record, "uniform")
+    with pytest.raises(ValueError, match=r"no strategy 'sma'; it has \['head', "):
+        alignment_from_record(record, "sma")
+
+
+def tiny_resnet(depth: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model("resnet", {"depth": depth, "width": 0.125}, (1, 8, 8), {"A": 3}).eval()
+
+
+@pytest.mark.parametrize("deep_first", [True, False])
+def test_depth_alignment_record_of_a_pair(deep_first):
+    """The CKA of the deeper model's blocks against the shallower's, unrounded, and every strategy from it; the
+    record survives JSON exactly."""
+    deep, shallow = tiny_resnet(32, 0), tiny_resnet(14, 1)
+    models = [deep, shallow] if deep_first else [shallow, deep]
+    batches = [torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    record = depth_alignment(models, iter(batches))
+    assert record["kind"] == "alignment" and record["deep_model"] == (0 if deep_first else 1)
+    assert record["deep_blocks"] == [5, 5, 5] and record["shallow_blocks"] == [2, 2, 2]
+    cka = layer_cka(deep, shallow, batches, block_names(deep), block_names(shallow))
+    assert cka.dtype == torch.float64 and cka.shape == (15, 6)
+    assert record["cka"] == cka.tolist()
+    assert record["strategies"] == all_alignments(cka, [5, 5, 5], [2, 2, 2])
+    assert json.loads(json.dumps(record)) == record
+
+
+def test_depth_alignment_errors():
+    resnet = tiny_resnet(14, 0)
+    batches = [torch.randn(8, 1, 8, 8)]
+    with pytest.raises(ValueError, match="a pair of models, got 3"):
+        depth_alignment([resnet] * 3, iter(batches))
+    mlp = build_model("mlp", {"hidden": [8]}, (1, 8, 8), {"A": 3})
+    with pytest.raises(ValueError, match="defines no depth stages"):
+        depth_alignment([resnet, mlp], iter(batches))
+    five_stages = build_model("vgg", {"depth": 11, "width": 0.0625}, (1, 8, 8), {"A": 3})
+    with pytest.raises(ValueError, match=r"no model is .* every stage: \[\[2, 2, 2\], \[1, 1, 2, 2, 2\]\]"):
+        depth_alignment([resnet, five_stages], iter(batches))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 
 import pytest
 import torch
 
 from hetmerge.api import merge
+from hetmerge.depth import STRATEGIES, depth_alignment
 from hetmerge.matching.transforms import SpaceMerge
 from hetmerge.methods import MergeContext, MergeError, build_method
 from hetmerge.models import build_model
@@ -64,7 +66,6 @@ def test_resnet50_style_with_resnet26_style_end_to_end(data, strategy):
         notes = ctx.notes
         assert notes["deep_model"] == deep_index
         assert notes["deep_blocks"] == [8, 8, 8] and notes["shallow_blocks"] == [4, 4, 4]
-        assert len(notes["cka"]) == 24 and len(notes["cka"][0]) == 12
         for stage in notes["positions"]:
             assert stage[0] == 0 and all(a < b for a, b in itertools.pairwise(stage)) and stage[-1] < 8
         assert len(notes["single_model_spaces"]) == 12  # one inner space per identity block
@@ -135,3 +136,79 @@ def test_errors_name_the_problem(data):
         merge([resnet, fresh("resnet", {"depth": 14, "width": 0.25}, {"B": 3}, 2)], "zipit", data=data)
     with pytest.raises(MergeError, match="merges exactly 2 models, but got 3"):
         merge([resnet] * 3, "hetero", data=data)
+
+
+# Pairs of different depths, shallow model first in one of them: (models, params of the merge).
+PAIRS = {
+    "resnet": (
+        lambda: [fresh("resnet", {"depth": d, "width": 0.125}, {t: 3}, d) for d, t in ((14, "B"), (32, "A"))],
+        {},
+    ),
+    "vgg": (
+        lambda: [
+            build_model("vgg", {"depth": d, "width": 0.0625, "variant": "stages"}, (1, 28, 28), {t: 3})
+            for d, t in ((19, "A"), (13, "B"))
+        ],
+        {"solver": "align", "lam": 0.5},
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(PAIRS))
+def aligned_pair(request):
+    """(models, params, data, the pair's alignment record as loaded from its JSON)."""
+    torch.manual_seed(0)
+    build, params = PAIRS[request.param]
+    models = build()
+    shape = models[0].input_shape
+    gen = torch.Generator().manual_seed(11)
+    data = [torch.randn(8, *shape, generator=gen) for _ in range(2)]
+    record = json.loads(json.dumps(depth_alignment(models, iter(data))))
+    return models, params, data, record
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_a_precomputed_alignment_gives_the_same_merge_bit_for_bit(aligned_pair, strategy):
+    models, params, data, record = aligned_pair
+    method = build_method("hetero", {**params, "strategy": strategy})
+    own = MergeContext(torch.device("cpu"), lambda: iter(data))
+    given = MergeContext(torch.device("cpu"), lambda: iter(data), precomputed={"alignment": record})
+    want, got = method(models, own), method(models, given)
+    assert want.state_dict().keys() == got.state_dict().keys()
+    assert all(torch.equal(v, got.state_dict()[k]) for k, v in want.state_dict().items())
+    assert got.trunk.describe() == want.trunk.describe()
+    assert given.notes == own.notes
+    assert given.notes["positions"] == record["strategies"][strategy]["positions"]
+
+
+def test_the_precomputed_alignment_is_what_the_merge_uses(aligned_pair):
+    """Another strategy's positions under this strategy's name: the merge follows the record, not a CKA pass."""
+    models, params, _, record = aligned_pair
+    found = record["strategies"]
+    other = next(found[k] for k in ("head", "head_tail") if found[k]["positions"] != found["segment"]["positions"])
+    doctored = {**record, "strategies": {**found, "segment": other}}
+    ctx = MergeContext(torch.device("cpu"), precomputed={"alignment": doctored})  # no data: no CKA pass possible
+    build_method("hetero", {**params, "strategy": "segment", "reset_bn": False, "lam": 0.0})(models, ctx)
+    assert ctx.notes["positions"] == other["positions"] and ctx.notes["alignment_score"] == other["score"]
+
+
+def test_a_precomputed_alignment_of_other_models_is_refused(aligned_pair):
+    models, _, data, record = aligned_pair
+    method = build_method("hetero")
+    cases = [
+        ({**record, "deep_model": 1 - record["deep_model"]}, r"deep_model \d \(the models': \d\); compute it again"),
+        ({**record, "shallow_blocks": [1, 1, 1]}, r"not of these models: shallow_blocks \[1, 1, 1\] \(the models': \["),
+        ({**record, "kind": "landscape"}, r"precomputed\['alignment'\] is a 'landscape' record"),
+    ]
+    for bad, match in cases:
+        ctx = MergeContext(torch.device("cpu"), lambda: iter(data), precomputed={"alignment": bad})
+        with pytest.raises(MergeError, match=match):
+            method(models, ctx)
+
+
+def test_a_strategy_the_record_could_not_align_is_refused_with_its_reason(aligned_pair):
+    models, _, data, record = aligned_pair
+    failed = {**record, "strategies": {**record["strategies"], "uniform": {"error": "colliding positions [0, 2, 2]"}}}
+    ctx = MergeContext(torch.device("cpu"), lambda: iter(data), precomputed={"alignment": failed})
+    with pytest.raises(MergeError, match=r"'hetero', strategy 'uniform': colliding positions \[0, 2, 2\]"):
+        build_method("hetero", {"strategy": "uniform"})(models, ctx)

@@ -1,15 +1,30 @@
-"""Merge methods: registry errors, weight averaging, ensembles, model-count checks."""
+"""Merge methods: registry errors, what a configured method declares to the pipeline, weight averaging,
+ensembles, model-count checks."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hetmerge.batchnorm import reset_batchnorm
 from hetmerge.merged import MergedModel
-from hetmerge.methods import REGISTRY, MergeContext, MergeError, build_method
+from hetmerge.methods import (
+    ANALYSES,
+    PRECOMPUTE,
+    REGISTRY,
+    Choice,
+    MergeContext,
+    MergeError,
+    build_method,
+    first_best,
+    register,
+)
+from hetmerge.methods.average import Average
 from hetmerge.params import ParameterError
 from hetmerge.statistics import SpaceStats, collect_statistics
 
@@ -37,6 +52,92 @@ def test_unknown_parameter_lists_the_known_ones():
 def test_wrong_parameter_type_names_the_parameter(value):
     with pytest.raises(ParameterError, match=r"method 'ensemble', parameter 'reset_bn'.*true/false"):
         build_method("ensemble", {"reset_bn": value})
+
+
+# Per configured method: the analyses it offers, in order.
+ANALYSES_OF = [
+    ("average", {}, ("landscape",)),
+    ("permute", {}, ("landscape",)),
+    ("weight_matching", {}, ("landscape",)),
+    ("zipit", {}, ("landscape",)),
+    ("zipit", {"stop_after": "conv3"}, ("partial_zip",)),
+    ("mudsc", {"lam": 0.5}, ("landscape",)),
+    ("mudsc", {"solver": "align", "lam": 0.0}, ("landscape",)),
+    ("mudsc", {}, ("lambda_curve", "landscape")),
+    ("hetero", {}, ("alignment",)),
+    ("hetero", {"strategy": "layer", "lam": 0.5}, ("alignment",)),
+    ("ensemble", {}, ()),
+]
+
+
+def test_every_method_declares_its_analyses():
+    assert {name for name, _, _ in ANALYSES_OF} == set(REGISTRY)
+    for name, params, expected in ANALYSES_OF:
+        assert build_method(name, params).analyses() == expected, (name, params)
+        assert set(expected) <= set(ANALYSES)
+
+
+def test_only_a_method_that_chooses_a_parameter_declares_a_choice():
+    choosing = {(name, str(params)) for name, params, _ in ANALYSES_OF if build_method(name, params).choice()}
+    assert choosing == {("mudsc", "{}")}
+
+
+def test_precomputed_inputs_and_prediction_scoring_are_declared():
+    declared = {name: cls.precomputed for name, cls in REGISTRY.items() if cls.precomputed}
+    assert declared == {"hetero": ("alignment",)}
+    assert all(p in PRECOMPUTE for inputs in declared.values() for p in inputs)
+    assert [name for name, cls in REGISTRY.items() if cls.scored_from_predictions] == ["ensemble"]
+
+
+def test_registering_unknown_analyses_or_uncomputed_inputs_is_refused():
+    class Offers(Average):
+        name = "offers_a_table"
+        offers = ("landscape", "table")
+
+    class Reads(Average):
+        name = "reads_a_forecast"
+        precomputed = ("forecast",)
+
+    with pytest.raises(ValueError, match=r"'offers_a_table' offers unknown analyses \['table'\]; known: \['partial"):
+        register(Offers)
+    with pytest.raises(ValueError, match=r"'reads_a_forecast' reads precomputed inputs \['forecast'\] that nothing"):
+        register(Reads)
+    assert not {"offers_a_table", "reads_a_forecast"} & set(REGISTRY)
+
+
+def test_a_precomputed_input_the_method_does_not_read_is_refused(pair, cpu, batches):
+    ctx = MergeContext(cpu, batches, precomputed={"alignment": {}, "forecast": 1})
+    with pytest.raises(MergeError, match=r"'average' reads no precomputed input\(s\) \['alignment', 'forecast'\]; "):
+        build_method("average")(list(pair), ctx)
+
+
+@given(st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), min_size=1, max_size=8))
+def test_first_best_is_the_first_of_the_highest_scores(scores):
+    best = first_best(scores)
+    assert scores[best] == max(scores) and all(s < scores[best] for s in scores[:best])
+
+
+def test_first_best_refuses_nothing_and_nan():
+    with pytest.raises(ValueError, match="no scores"):
+        first_best([])
+    with pytest.raises(ValueError, match=r"not finite: \[nan\]"):
+        first_best([0.5, math.nan])
+
+
+@given(
+    st.dictionaries(st.sampled_from([0.1, 0.2, 0.3, 0.5, 0.9]), st.sampled_from([0.0, 0.5, 1.0]), min_size=1),
+    st.dictionaries(st.sampled_from([0.0, 0.4, 1.0]), st.floats(0, 2)),
+)
+def test_choose_picks_among_the_grid_only(grid_scores, outside):
+    """A figure's values outside the grid are scored too, but never chosen, however well they score."""
+    choice = Choice("lam", tuple(grid_scores))
+    chosen = choice.choose({**outside, **grid_scores})
+    assert chosen in grid_scores and chosen == choice.grid[first_best(list(grid_scores.values()))]
+
+
+def test_choose_needs_a_score_for_every_grid_value():
+    with pytest.raises(ValueError, match=r"choosing 'lam': no merge-slice score for grid value\(s\) \[0.3\]"):
+        Choice("lam", (0.1, 0.3)).choose({0.1: 0.5, 0.9: 0.7})
 
 
 def test_method_defaults():

@@ -15,7 +15,7 @@ from hetmerge.matching.greedy_zip import greedy_zip
 from hetmerge.matching.transforms import SpaceMerge
 from hetmerge.matching.weight_matching import weight_matching
 from hetmerge.matching.weight_similarity import weight_correlation
-from hetmerge.methods import MergeContext, MergeError, build_method
+from hetmerge.methods import Choice, MergeContext, MergeError, build_method
 from hetmerge.params import ParameterError
 from hetmerge.spaces import FeatureSpace, SpaceGraph, permute_state, random_permutations
 from hetmerge.statistics import SpaceStats, collect_statistics
@@ -306,6 +306,61 @@ def test_lam_is_chosen_on_the_merge_slice(pair, cpu, batches):
     assert merged is seen[1]
     with pytest.raises(MergeError, match="labelled merge slice"):
         build_method("mudsc", {"solver": "align"})(list(pair), MergeContext(cpu, batches, stats=stats))
+
+
+def labelled_score(kind: str):
+    """A merge-slice score of a merged model: its joint accuracy on fixed labelled images (coarse, so λs tie),
+    or its mean log-likelihood of the labels (continuous)."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(12, 1, 8, 8, generator=gen)
+    labels = torch.randint(0, 7, (12,), generator=gen)  # classes of A (3) then of B (4), as one joint head
+
+    @torch.no_grad()
+    def score(model) -> float:
+        out = model(x)
+        logits = torch.cat([out["A"], out["B"]], 1)
+        if kind == "accuracy":
+            return float((logits.argmax(1) == labels).double().mean())
+        return float(logits.log_softmax(1)[torch.arange(12), labels].mean())
+
+    return score
+
+
+@pytest.mark.parametrize("kind", ["accuracy", "likelihood"])
+@pytest.mark.parametrize("solver", ["align", "zip"])
+def test_a_pipeline_choosing_by_choice_gets_mudscs_own_merge_bit_for_bit(pair, cpu, batches, solver, kind):
+    """The merge job's way: merge at every value of the grid and the figure's, each with λ fixed, keep
+    `choice.choose` of the merge-slice scores. Same λ, same weights and BatchNorm statistics as MuDSC's own
+    choice with ctx.score."""
+    stats = collect_statistics(list(pair), batches())
+    score = labelled_score(kind)
+    params = {"solver": solver, "lam_grid": [0.2, 0.5, 0.8], "max_sweeps": 3}
+    method = build_method("mudsc", params)
+    ctx = MergeContext(cpu, batches, stats=stats, score=score)
+    own = method(list(pair), ctx)
+
+    choice = method.choice()
+    assert choice == Choice("lam", (0.2, 0.5, 0.8))
+    merges, scores = {}, {}
+    for value in (0.0, 0.2, 0.5, 0.8, 1.0):  # the grid ∪ a figure's λ values
+        fixed = build_method("mudsc", {**params, choice.param: value})
+        merges[value] = fixed(list(pair), MergeContext(cpu, batches, stats=stats))
+        scores[value] = score(merges[value])
+    chosen = choice.choose(scores)
+    assert chosen == ctx.notes["lam"]
+    assert ctx.notes["lam_scores"] == {str(v): scores[v] for v in choice.grid}
+    state = own.state_dict()
+    assert state.keys() == merges[chosen].state_dict().keys()
+    assert all(torch.equal(v, merges[chosen].state_dict()[k]) for k, v in state.items())
+    # the λs give different merges, so a wrong choice could not pass the comparison above
+    others = [v for v in choice.grid if v != chosen]
+    assert all(any(not torch.equal(v, merges[o].state_dict()[k]) for k, v in state.items()) for o in others)
+
+
+def test_choice_is_offered_only_without_a_fixed_lam():
+    assert build_method("mudsc", {"lam": 0.3}).choice() is None
+    assert build_method("mudsc", {"lam_grid": [0, 1]}).choice() == Choice("lam", (0.0, 1.0))
+    assert build_method("mudsc").choice().grid == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @pytest.mark.parametrize(

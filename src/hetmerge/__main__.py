@@ -1,5 +1,11 @@
-"""`python -m hetmerge` (what the Snakemake rules run, so they need no installed entry point)."""
+"""`python -m hetmerge` (what the Snakemake rules run, so they need no installed entry point).
 
-from hetmerge.cli import main
+A light client: the job runs in a forked child of a warm server that has imported torch already, or
+in-process where that is off or impossible (see hetmerge.worker). This module must not import torch.
+"""
 
-raise SystemExit(main())
+import sys
+
+from hetmerge.worker import run
+
+raise SystemExit(run(sys.argv[1:]))

@@ -114,6 +114,52 @@ def cmd_train(args: argparse.Namespace) -> None:
     }
     save_model(model, args.out, info)
     resume.unlink(missing_ok=True)
+    if args.result:
+        write_result(args.result, "base", model, ds, split, info, device, args.eval_batch_size)
+
+
+def write_result(
+    path: str,
+    kind: str,
+    model: Any,
+    ds: Any,
+    split: Any,
+    info: dict[str, Any],
+    device: Any,
+    batch_size: int,
+    **extra: Any,
+) -> None:
+    """The small result JSON next to a trained model or merge: test metrics, cost, and what made it.
+
+    A base model also keeps each test image's top logit and correctness, so that ensembles of base models are
+    scored without running them again."""
+    from hetmerge.evaluation import accuracies, cost
+    from hetmerge.provenance import provenance
+
+    t0 = time.perf_counter()
+    metrics = accuracies(model.to(device).eval(), ds, split, batch_size, device, predictions=kind == "base")
+    predictions = metrics.pop("predictions", None)
+    metrics.update(cost(model, ds.input_shape))
+    keep = ("method", "params", "notes", "cut", "units", "seed", "task", "train")
+    record = {
+        "kind": kind,
+        "dataset": ds.name,
+        "split_seed": split.seed,
+        "tasks": {t.name: list(t.classes) for t in split.tasks},
+        "metrics": metrics,
+        **extra,
+        "source": {k: info[k] for k in keep if k in info},
+        "timings": {
+            "eval_seconds": round(time.perf_counter() - t0, 3),
+            **{k: info[k] for k in ("train_seconds", "merge_seconds") if k in info},
+        },
+        "provenance": provenance(device),
+    }
+    if predictions is not None:
+        record["predictions"] = predictions
+    write_json(path, record)
+    tasks = ", ".join(f"{t} {'--' if a is None else f'{100 * a:.1f}'}" for t, a in metrics["tasks"].items())
+    print(f"{path}: joint {100 * metrics['joint']:.1f}; {tasks}")
 
 
 def _merge_batches(ds: Any, split: Any, batch_size: int, device: Any) -> Any:
@@ -146,6 +192,8 @@ def cmd_statistics(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
+    """Merge, and where the method chooses a parameter on the merge slice, merge at every value of its grid and
+    of `--curve-values`, score each on the merge slice and the test set (the row's curve), and keep the choice."""
     from hetmerge.checkpoint import save_model
     from hetmerge.compatibility import merged_origin
     from hetmerge.evaluation import accuracies
@@ -155,13 +203,61 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     method = build_method(args.method, args.params)
     device, ds, split, models, stats, batches, sources = _merge_setup(args)
+    precomputed = {}
+    for entry in args.precomputed:
+        name, _, path = entry.partition("=")
+        with open(path) as handle:
+            precomputed[name] = json.load(handle)
 
-    def score(model: Any) -> float:
-        return accuracies(model, ds, split, args.batch_size, device, part="merge")["joint"]
+    def score(model: Any, part: str = "merge") -> Any:
+        size = args.batch_size if part == "merge" else args.eval_batch_size
+        return accuracies(model, ds, split, size, device, part=part)
 
-    ctx = MergeContext(device=device, batches=batches, seed=args.seed, stats=stats, score=score)
+    def merge(merger: Any) -> tuple[Any, Any]:
+        ctx = MergeContext(
+            device=device,
+            batches=batches,
+            seed=args.seed,
+            stats=stats,
+            score=lambda m: score(m)["joint"],
+            precomputed=precomputed,
+        )
+        return merger(models, ctx), ctx
+
     t0 = time.perf_counter()
-    merged = method(models, ctx)
+    choice = method.choice()
+    curve = None
+    if choice is None:
+        merged, ctx = merge(method)
+    else:
+        values = list(dict.fromkeys([*choice.grid, *sorted(set(args.curve_values) - set(choice.grid))]))
+        points, kept = [], {}
+        for value in values:
+            try:
+                candidate, ctx = merge(build_method(args.method, {**args.params, choice.param: value}))
+            except ValueError as err:
+                if value in choice.grid:
+                    raise
+                # a figure's value the method cannot merge at (e.g. MuDSC's weight-only λ = 0 across widths)
+                points.append({choice.param: value, "selectable": False, "error": str(err)})
+                print(f"{choice.param} {value}: no merge ({err})")
+                continue
+            scores = {part: score(candidate, part) for part in ("merge", "test")}
+            keys = ("joint", "task_avg", "tasks")
+            points.append(
+                {choice.param: value, "selectable": value in choice.grid}
+                | {part: {k: s[k] for k in keys} for part, s in scores.items()}
+            )
+            if value in choice.grid:
+                kept[value] = (candidate, ctx, scores["merge"]["joint"])
+            print(
+                f"{choice.param} {value}: joint {100 * scores['merge']['joint']:.1f} on the merge slice, "
+                f"{100 * scores['test']['joint']:.1f} on the test set"
+            )
+        chosen = choice.choose({v: kept[v][2] for v in choice.grid})
+        merged, ctx, _ = kept[chosen]
+        ctx.notes[choice.param] = chosen
+        curve = {"param": choice.param, "chosen": chosen, "points": sorted(points, key=lambda p: p[choice.param])}
     info = {
         "method": args.method,
         "params": as_dict(method.params),
@@ -177,6 +273,21 @@ def cmd_merge(args: argparse.Namespace) -> None:
     }
     save_model(merged, args.out, info)
     print(f"{args.method}: merged {len(models)} models in {info['merge_seconds']:.2f}s")
+    if args.result:
+        slice_scores = score(merged)
+        merge_metrics = {k: slice_scores[k] for k in ("joint", "task_avg", "tasks")}
+        write_result(
+            args.result,
+            "merge",
+            merged,
+            ds,
+            split,
+            info,
+            device,
+            args.eval_batch_size,
+            merge_metrics=merge_metrics,
+            curve=curve,
+        )
 
 
 def _merge_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list, Any, Any, list[dict[str, Any]]]:
@@ -199,39 +310,20 @@ def _merge_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list, Any, An
     return device, ds, split, list(models), stats, _merge_batches(ds, split, args.batch_size, device), sources
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
-    """Merge at every value of one parameter; score each on the merge slice (to choose) and on the test set."""
-    from hetmerge.evaluation import accuracies
-    from hetmerge.methods import MergeContext, build_method
+def cmd_precompute(args: argparse.Namespace) -> None:
+    """An input some methods read, computed once per model list and seed (e.g. hetero's depth alignment)."""
+    from hetmerge.methods import PRECOMPUTE
     from hetmerge.provenance import provenance
 
-    device, ds, split, models, stats, batches, _ = _merge_setup(args)
-    points = []
-    for value in args.values:
-        method = build_method(args.method, {**args.params, args.param: value})
-        merged = method(models, MergeContext(device=device, batches=batches, seed=args.seed, stats=stats))
-        scores = {
-            part: {
-                k: v
-                for k, v in accuracies(merged, ds, split, args.batch_size, device, part).items()
-                if k in ("joint", "task_avg", "tasks")
-            }
-            for part in ("merge", "test")
-        }
-        points.append({args.param: value, "selectable": value in args.selectable, **scores})
-        joint = {part: f"{100 * score['joint']:.1f}" for part, score in scores.items()}
-        print(f"{args.param} {value}: joint {joint['merge']} on the merge slice, {joint['test']} on the test set")
-    candidates = [p for p in points if p["selectable"]]
-    chosen = max(candidates, key=lambda p: p["merge"]["joint"])[args.param] if candidates else None
-    record = {
-        "kind": f"{args.param}_sweep",
-        **args.record,
-        "method_params": args.params,
-        "points": points,
-        "chosen": chosen,
-        "provenance": provenance(device),
-    }
+    if args.name not in PRECOMPUTE:
+        raise ValueError(f"nothing precomputes {args.name!r}; known: {sorted(PRECOMPUTE)}")
+    device, _, _, models, _, batches, _ = _merge_setup(args)
+    t0 = time.perf_counter()
+    record = PRECOMPUTE[args.name]([m.to(device).eval() for m in models], batches())
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+    record["provenance"] = provenance(device)
     write_json(args.out, record)
+    print(f"{args.name} of {len(models)} models in {record['seconds']:.2f}s")
 
 
 def cmd_landscape(args: argparse.Namespace) -> None:
@@ -290,16 +382,12 @@ def cmd_landscape(args: argparse.Namespace) -> None:
         else:
             own = ls.loss_grid(plane, target, [x], [y], losses, bn)
             own = {t: v[0][0] for t, v in own.items()}
-        label = {"model_a": "Model A", "model_b": "Model B"}.get(
-            key, args.labels[args.keys.index(key)] if key in args.keys else key
-        )
-        points.append({"method": key, "label": label, "x": x, "y": y, "off_plane": off, "loss": own})
+        points.append({"method": key, "x": x, "y": y, "off_plane": off, "loss": own})
     xs = ls.grid_axis([c[0] for c in coords.values()], args.steps)
     ys = ls.grid_axis([c[1] for c in coords.values()], args.steps)
     t0 = time.perf_counter()
     grid = ls.loss_grid(plane, target, xs, ys, losses, bn)
     record = {
-        **args.record,
         "kind": "landscape",
         "plane": {"origin": "model_a", "u": "model_b", "v": args.plane},
         "images": f"test ({args.per_task} per task)",
@@ -359,34 +447,28 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    """Tables, figures, CSVs and main.tex from the report spec (the `report` entry of a plan)."""
     from hetmerge.report import build_report
 
-    def load(paths: Sequence[str]) -> list[Any]:
-        """Records of every file; a file holds one record or a list of them (one per evaluated model)."""
-        loaded = []
-        for path in paths:
-            with open(path) as handle:
-                try:
-                    content = json.load(handle)
-                except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
-                    raise ValueError(
-                        f"{path} is not valid JSON ({err}): it is truncated or corrupt; "
-                        "delete it and rerun snakemake, which remakes it"
-                    ) from err
-            records = content if isinstance(content, list) else [content]
-            if not all(isinstance(record, dict) for record in records):
-                raise ValueError(f"{path}: expected a JSON object or a list of objects (hetmerge evaluate's output)")
-            loaded += records
-        return loaded
-
-    written = build_report(
-        load(args.results),
-        Path(args.out_dir),
-        title=args.title,
-        method_order=args.method_order,
-        analysis=load(args.analysis),
-    )
+    try:
+        with open(args.plan) as handle:
+            spec = json.load(handle)["report"]["spec"]
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{args.plan} is not a plan with a report spec ({err}); run `hetmerge plan` again") from err
+    written = build_report(spec, Path(args.out_dir))
     print(f"wrote {len(written)} files under {args.out_dir}")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Resolve a validated config into the pipeline's plan (jobs, report spec, outputs); see hetmerge.plan."""
+    from hetmerge.plan import plan
+
+    with open(args.config) as handle:
+        config = json.load(handle)
+    result = plan(config, args.name, args.results)
+    write_json(args.out, result)
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
@@ -421,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
         elif models == "one":
             p.add_argument("--model", required=True, help="checkpoint of a model or merge")
 
+    def result_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--result", default=None, help="also evaluate the model on the test set: result JSON")
+        p.add_argument("--eval-batch-size", type=int, default=512)
+
     def device_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", help="auto (a free GPU if any, else CPU), cpu, or cuda:N")
         p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
@@ -444,13 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_split)
 
-    p = sub.add_parser("train", help="train one model on one task")
+    p = sub.add_parser("train", help="train one model on one task (and evaluate it)")
     inputs(p)
     p.add_argument("--task", required=True)
     p.add_argument("--model", type=_json, required=True, help='JSON: {"family": ..., "spec": {...}}')
     p.add_argument("--train", type=_json, default={}, help="JSON training settings")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", required=True, help="the model; training state is kept in OUT.resume until it is saved")
+    result_args(p)
     device_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -461,41 +548,47 @@ def build_parser() -> argparse.ArgumentParser:
     device_args(p)
     p.set_defaults(func=cmd_statistics)
 
-    p = sub.add_parser("merge", help="merge trained models with a registered method")
+    p = sub.add_parser("precompute", help="an input methods read, once per model list (e.g. depth alignment)")
+    inputs(p, "many")
+    p.add_argument("--name", required=True, help="what to compute (registered in hetmerge.methods.PRECOMPUTE)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", required=True)
+    device_args(p)
+    p.set_defaults(func=cmd_precompute)
+
+    p = sub.add_parser("merge", help="merge trained models with a registered method (and evaluate the merge)")
     inputs(p, "many")
     p.add_argument("--method", required=True)
     p.add_argument("--params", type=_json, default={})
     p.add_argument("--stats", default=None, help="statistics file from `hetmerge statistics` (else computed)")
+    p.add_argument(
+        "--precomputed",
+        nargs="*",
+        default=[],
+        metavar="NAME=PATH",
+        help="inputs from `hetmerge precompute` that the method reads (else it computes them)",
+    )
+    p.add_argument(
+        "--curve-values",
+        type=float,
+        nargs="*",
+        default=[],
+        help="for a method that chooses a parameter: values scored besides its grid (the figure's)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    result_args(p)
     device_args(p)
     p.set_defaults(func=cmd_merge)
-
-    p = sub.add_parser("sweep", help="merge at each value of one parameter, scored on the merge slice and test set")
-    inputs(p, "many")
-    p.add_argument("--method", required=True)
-    p.add_argument("--params", type=_json, default={})
-    p.add_argument("--param", required=True, help="the parameter swept, e.g. lam")
-    p.add_argument("--values", type=float, nargs="+", required=True)
-    p.add_argument("--selectable", type=float, nargs="*", default=[], help="values the method may choose from")
-    p.add_argument("--stats", default=None)
-    p.add_argument("--record", type=_json, default={}, help="JSON fields copied into the result")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    device_args(p)
-    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("landscape", help="task losses on the plane through model A, model B and a merge")
     inputs(p, "many")
     p.add_argument("--merges", nargs="+", required=True, help="merge checkpoints to place on the plane")
     p.add_argument("--keys", nargs="+", required=True, help="row key of each merge")
-    p.add_argument("--labels", nargs="+", required=True, help="label of each merge")
     p.add_argument("--plane", required=True, help="key of the merge that spans the plane with A and B")
     p.add_argument("--steps", type=int, default=11, help="grid points per axis")
     p.add_argument("--per-task", type=int, default=500, help="test images per task")
-    p.add_argument("--record", type=_json, default={})
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--out", required=True)
     device_args(p)
@@ -509,12 +602,16 @@ def build_parser() -> argparse.ArgumentParser:
     device_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("report", help="LaTeX tables, figures and main.tex from result JSON files")
-    p.add_argument("--results", nargs="+", required=True)
+    p = sub.add_parser("plan", help="resolve a validated config into the pipeline's jobs and report (JSON)")
+    p.add_argument("--config", required=True, help="the config as JSON, validated with its schema's defaults")
+    p.add_argument("--name", required=True, help="the config's report folder name")
+    p.add_argument("--results", default="results")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("report", help="LaTeX tables, figures, CSVs and main.tex from a plan's report spec")
+    p.add_argument("--plan", required=True, help="plan JSON from `hetmerge plan`")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--title", default="hetmerge results")
-    p.add_argument("--method-order", nargs="*", default=[])
-    p.add_argument("--analysis", nargs="*", default=[], help="analysis JSON files (λ sweeps, loss landscapes)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("methods", help="list registered merge methods and their parameters")

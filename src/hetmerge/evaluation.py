@@ -39,13 +39,24 @@ def task_indices(data: ImageDataset, split: TaskSplit, part: Part) -> tuple[torc
 
 
 def accuracies(
-    model: Model, data: ImageDataset, split: TaskSplit, batch_size: int, device: torch.device, part: Part = "test"
+    model: Model,
+    data: ImageDataset,
+    split: TaskSplit,
+    batch_size: int,
+    device: torch.device,
+    part: Part = "test",
+    *,
+    predictions: bool = False,
 ) -> dict[str, Any]:
     """Task accuracy (argmax within the task's own head) and joint accuracy, on the test set or merge slice.
 
     Joint: the logits of all heads the model has are concatenated and the argmax must hit the true class
     among all classes of all tasks; a model without a head for an image's task can only get it wrong.
     Task accuracy is None for tasks the model has no head for.
+
+    With `predictions`, also each image's top logit over all heads and whether the joint answer is right
+    (`predictions: {score, correct}`, images in split order): enough to score an ensemble of such models
+    exactly, since its joint answer is the member with the highest top logit (the first on ties).
     """
     images, labels, per_task = task_indices(data, split, part)
     order = [t.name for t in split.tasks]
@@ -75,12 +86,16 @@ def accuracies(
     joint_classes = torch.as_tensor([c for t in present for c in t.classes])
     joint_pred = joint_classes[torch.cat([logits[t.name] for t in present], dim=1).argmax(1)]
     scored = [a for a in task_acc.values() if a is not None]
-    return {
+    result: dict[str, Any] = {
         "joint": (joint_pred == true_class).float().mean().item(),
         "tasks": task_acc,
         "task_avg": sum(scored) / len(scored) if len(scored) == len(task_acc) else None,
         "n_images": len(indices),
     }
+    if predictions:
+        top = torch.cat([logits[t.name] for t in present], dim=1).max(1).values
+        result["predictions"] = {"score": top.tolist(), "correct": (joint_pred == true_class).tolist()}
+    return result
 
 
 def _macs(module: nn.Module, output: torch.Tensor) -> int:

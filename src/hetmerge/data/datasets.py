@@ -99,16 +99,17 @@ class DatasetInfo:
     input_shape: tuple[int, int, int]
     num_classes: int
     hflip: bool
+    label: str  # display name for tables and captions
 
 
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
-        DatasetInfo("fashion_mnist", (1, 28, 28), 10, hflip=False),
-        DatasetInfo("mnist", (1, 28, 28), 10, hflip=False),
-        DatasetInfo("cifar10", (3, 32, 32), 10, hflip=True),
-        DatasetInfo("cifar100", (3, 32, 32), 100, hflip=True),
-        DatasetInfo("digits", (1, 8, 8), 10, hflip=False),
+        DatasetInfo("fashion_mnist", (1, 28, 28), 10, hflip=False, label="Fashion-MNIST"),
+        DatasetInfo("mnist", (1, 28, 28), 10, hflip=False, label="MNIST"),
+        DatasetInfo("cifar10", (3, 32, 32), 10, hflip=True, label="CIFAR-10"),
+        DatasetInfo("cifar100", (3, 32, 32), 100, hflip=True, label="CIFAR-100"),
+        DatasetInfo("digits", (1, 8, 8), 10, hflip=False, label="Digits"),
     )
 }
 

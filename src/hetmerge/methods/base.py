@@ -4,11 +4,18 @@ Adding a method = one module with a `MergeMethod` subclass decorated with `@regi
 owns what every method shares: the model-count check, the compatibility check (one input shape, one class
 count per head name), the refusal of NaN or inf in the models, statistics and merged weights, and the
 optional BatchNorm reset on the merge slice afterwards.
+
+A configured method also tells the pipeline and the report everything they need, so that neither names a
+method: the analyses it offers (`analyses`), a parameter it chooses on the merge slice (`choice`), inputs the
+pipeline computes once per model pair and seed (`precomputed`, computed by `PRECOMPUTE`), whether it needs
+the statistics stage (`uses_statistics`), and whether it is scored from its members' stored test
+predictions instead of being merged (`scored_from_predictions`).
 """
 
 from __future__ import annotations
 
 import abc
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +29,24 @@ from hetmerge.merged import MergedModel
 from hetmerge.models import MultiTaskNet
 from hetmerge.params import ParameterError, parse_params
 from hetmerge.statistics import SpaceStats, collect_statistics
+
+ANALYSES: tuple[str, ...] = ("partial_zip", "lambda_curve", "landscape", "alignment")
+"""What a configured method can offer the report: the accuracy of a partial zip against its cut, the curve of a
+parameter it chooses (its merge-slice and test scores at every value), the loss landscape on the plane through
+model A, model B and the merge (one fully merged network in their weight space), the depth-alignment figure."""
+
+Precompute = Callable[[Sequence[MultiTaskNet], Iterable[torch.Tensor]], dict[str, Any]]
+"""Computes an input once per (model pair, seed) from the models (on the device, in eval mode) and one pass
+over the merge slice's images; returns a JSON-ready record that `MergeContext.precomputed` passes back."""
+
+PRECOMPUTE: dict[str, Precompute] = {}
+
+
+def register_precompute(name: str, compute: Precompute) -> None:
+    """Name the function that computes the precomputed input `name` (methods declare it in `precomputed`)."""
+    if name in PRECOMPUTE:
+        raise ValueError(f"precomputed input {name!r} registered twice")
+    PRECOMPUTE[name] = compute
 
 
 class MergeError(ValueError):
@@ -40,13 +65,47 @@ class MethodParams:
     reset_bn: bool = True
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A parameter the method chooses on the merge slice: it merges at every value of `grid` (in order) and keeps
+    the merge whose merge-slice score is highest, the first of ties (`choose`).
+
+    A pipeline may instead merge at each value itself, with the parameter fixed (`{**params, param: value}`),
+    score each merge on the merge slice and the test set (the parameter's curve), and keep `choose(scores)`:
+    the same merge, bit for bit, as the method's own choice.
+    """
+
+    param: str
+    grid: tuple[float, ...]
+
+    def choose(self, scores: Mapping[float, float]) -> float:
+        """The grid value the method would choose, from the merge-slice score of every grid value (values
+        outside the grid, e.g. a figure's, may be present and are never chosen)."""
+        missing = [v for v in self.grid if v not in scores]
+        if missing:
+            raise ValueError(f"choosing {self.param!r}: no merge-slice score for grid value(s) {missing}")
+        return self.grid[first_best([scores[v] for v in self.grid])]
+
+
+def first_best(scores: Sequence[float]) -> int:
+    """Index of the highest score, the first of ties: the grid's order decides, never chance."""
+    if not scores:
+        raise ValueError("nothing to choose from: no scores")
+    bad = [s for s in scores if not math.isfinite(s)]
+    if bad:
+        raise ValueError(f"cannot choose by scores that are not finite: {bad}")
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
 @dataclass
 class MergeContext:
     """What a method may use besides the models: the merge slice (never the test set) and a device.
 
     `batches()` starts a fresh pass over the merge slice's input images. `score(model)` is a candidate's
     joint accuracy on the labelled merge slice, for methods that choose a hyperparameter. Methods record
-    what they chose, and why, in `notes`; the merge's metadata keeps it.
+    what they chose, and why, in `notes`; the merge's metadata keeps it. `precomputed` holds the inputs the
+    method declares in `MergeMethod.precomputed`, as their `PRECOMPUTE` function returned them (a method
+    computes what is missing itself).
     """
 
     device: torch.device
@@ -55,6 +114,7 @@ class MergeContext:
     stats: dict[str, SpaceStats] | None = None
     score: Callable[[MergedModel], float] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    precomputed: dict[str, Any] = field(default_factory=dict)
 
     def statistics(self, models: Sequence[MultiTaskNet]) -> dict[str, SpaceStats]:
         """Activation statistics of every space (given, e.g. by the pipeline's statistics stage, or computed)."""
@@ -86,9 +146,22 @@ class MergeMethod(abc.ABC):
     min_models: ClassVar[int] = 2
     max_models: ClassVar[int | None] = None
     uses_statistics: ClassVar[bool] = False  # the pipeline then feeds it the statistics stage's output
+    offers: ClassVar[tuple[str, ...]] = ("landscape",)  # analyses (of ANALYSES) whatever the parameters
+    precomputed: ClassVar[tuple[str, ...]] = ()  # inputs (names in PRECOMPUTE) it reads from ctx.precomputed
+    scored_from_predictions: ClassVar[bool] = False  # scored from its members' stored test predictions, not merged
 
     def __init__(self, params: MethodParams) -> None:
         self.params = params
+
+    def analyses(self) -> tuple[str, ...]:
+        """The analyses (of ANALYSES) this configured method offers: a method that chooses a parameter offers its
+        curve, plus what the class `offers` (by default the landscape: the merge is one fully merged network)."""
+        curve = ("lambda_curve",) if self.choice() is not None else ()
+        return (*curve, *self.offers)
+
+    def choice(self) -> Choice | None:
+        """The parameter this configured method chooses on the merge slice, and from which values; None if none."""
+        return None
 
     def keeps_first_basis(self) -> bool:
         """Whether the merge's units are model 0's units in model 0's order (so weights compare directly)."""
@@ -122,6 +195,11 @@ class MergeMethod(abc.ABC):
 
     def __call__(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
         self.check(models)
+        unknown = sorted(set(ctx.precomputed) - set(self.precomputed))
+        if unknown:
+            raise MergeError(
+                f"method {self.name!r} reads no precomputed input(s) {unknown}; it reads {list(self.precomputed)}"
+            )
         models = [m.to(ctx.device).eval() for m in models]
         for i, model in enumerate(models):
             bad = nonfinite(model.state_dict())
@@ -207,6 +285,15 @@ REGISTRY: dict[str, type[MergeMethod]] = {}
 def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     if cls.name in REGISTRY:
         raise ValueError(f"merge method {cls.name!r} registered twice")
+    unknown = [a for a in cls.offers if a not in ANALYSES]
+    if unknown:
+        raise ValueError(f"merge method {cls.name!r} offers unknown analyses {unknown}; known: {list(ANALYSES)}")
+    missing = [p for p in cls.precomputed if p not in PRECOMPUTE]
+    if missing:
+        raise ValueError(
+            f"merge method {cls.name!r} reads precomputed inputs {missing} that nothing computes; register_precompute "
+            "them first"
+        )
     REGISTRY[cls.name] = cls
     return cls
 

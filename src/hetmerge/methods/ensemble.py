@@ -1,4 +1,8 @@
-"""Ensemble: run every model; each answers with its own heads (the upper reference of merging)."""
+"""Ensemble: run every model; each answers with its own heads (the upper reference of merging).
+
+The pipeline scores an ensemble from its members' stored test predictions (`scored_from_predictions`) and never
+merges one; `combine` serves the API and the CLI.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ class EnsembleParams(MethodParams):
 class Ensemble(MergeMethod):
     name = "ensemble"
     Params = EnsembleParams
+    offers = ()  # no merged network: nothing lies in a weight space
+    scored_from_predictions = True
 
     def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
         # copies: a BN reset of the ensemble must not rewrite the caller's models

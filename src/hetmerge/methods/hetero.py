@@ -1,7 +1,9 @@
 """Training-free heterogeneous model merging (algorithms.md §4): depth alignment, identity padding, zipping.
 
 1. Layer similarity: minibatch linear CKA between every block of the deeper and the shallower model, on
-   the merge slice.
+   the merge slice. The pipeline computes it, with every strategy's alignment, once per model pair and seed
+   (`hetmerge.depth.depth_alignment`) and passes it in `ctx.precomputed["alignment"]`; without it, the merge
+   computes the same record itself.
 2. Depth alignment per stage with a named strategy (`segment` = SMA, the paper's; `layer` = LMA as
    intended; `layer_code` = LMA as the original code computes it; baselines `head`, `uniform`,
    `head_tail`).
@@ -13,13 +15,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-import torch
-
-from hetmerge.depth import align_depths, layer_cka, pad_to_depth
+from hetmerge.depth import DepthAlignment, alignment_from_record, deepest_model, depth_alignment, pad_to_depth
 from hetmerge.depth.alignment import STRATEGIES
 from hetmerge.matching.dual_space import dual_space_matching
 from hetmerge.matching.solvers import make_solver
@@ -31,6 +31,7 @@ from hetmerge.methods.base import (
     MergeMethod,
     MethodParams,
     register,
+    register_precompute,
 )
 from hetmerge.methods.spacewise import assemble, target_architecture
 from hetmerge.models import MultiTaskNet
@@ -54,15 +55,20 @@ class HeteroParams(MethodParams):
     patience: Annotated[int, Range(1)] = 5
 
 
-def _deepest(models: Sequence[MultiTaskNet]) -> tuple[int, list[list[int]]]:
-    try:
-        depths = [[len(stage) for stage in m.depth_stages()] for m in models]
-    except NotImplementedError as err:
-        raise MergeError(str(err)) from None
-    for i, own in enumerate(depths):
-        if all(len(own) == len(other) and all(a >= b for a, b in zip(own, other, strict=True)) for other in depths):
-            return i, depths
-    raise MergeError(f"method 'hetero': no model is at least as deep as the other in every stage: {depths}")
+def _check_record(record: Mapping[str, Any], deep: int, depths: list[list[int]]) -> None:
+    """A precomputed alignment must be one of these models: same deeper model, same blocks per stage."""
+    if record.get("kind") != "alignment":
+        raise MergeError(f"method 'hetero': precomputed['alignment'] is a {record.get('kind')!r} record, no alignment")
+    expected = {"deep_model": deep, "deep_blocks": depths[deep], "shallow_blocks": depths[1 - deep]}
+    differ = [f"{k} {record.get(k)} (the models': {v})" for k, v in expected.items() if record.get(k) != v]
+    if differ:
+        raise MergeError(
+            f"method 'hetero': the precomputed alignment is not of these models: {'; '.join(differ)}; compute it "
+            "again for this pair"
+        )
+
+
+register_precompute("alignment", depth_alignment)
 
 
 @register
@@ -70,6 +76,8 @@ class Hetero(MergeMethod):
     name = "hetero"
     Params = HeteroParams
     max_models = 2
+    offers = ("alignment",)  # the merge has the deep model's depth: the plane through models A and B lacks it
+    precomputed = ("alignment",)
 
     def __init__(self, params: HeteroParams) -> None:
         super().__init__(params)
@@ -79,14 +87,25 @@ class Hetero(MergeMethod):
     def keeps_first_basis(self) -> bool:
         return False  # the shallower model is padded: its blocks move
 
+    def _align(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> tuple[int, DepthAlignment]:
+        """The deeper model's index and this strategy's alignment, from the precomputed record if given."""
+        try:
+            deep, depths = deepest_model(models)
+        except ValueError as err:
+            raise MergeError(f"method 'hetero': {err}") from None
+        record = ctx.precomputed.get("alignment")
+        if record is None:
+            record = depth_alignment(models, ctx.require_batches("method 'hetero': CKA of the blocks")())
+        else:
+            _check_record(record, deep, depths)
+        try:
+            return deep, alignment_from_record(record, self.params.strategy)
+        except ValueError as err:
+            raise MergeError(f"method 'hetero', strategy {self.params.strategy!r}: {err}") from None
+
     def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
-        deep, depths = _deepest(models)
+        deep, alignment = self._align(models, ctx)
         shallow = 1 - deep
-        batches = ctx.require_batches("method 'hetero' (CKA and activation statistics)")
-        deep_blocks = [f"body.{b}" for stage in models[deep].depth_stages() for b in stage]
-        shallow_blocks = [f"body.{b}" for stage in models[shallow].depth_stages() for b in stage]
-        cka = layer_cka(models[deep], models[shallow], batches(), deep_blocks, shallow_blocks)
-        alignment = align_depths(self.params.strategy, depths[deep], depths[shallow], cka)
         padded = list(models)
         try:
             padded[shallow], single = pad_to_depth(models[shallow], models[deep], alignment)
@@ -99,6 +118,7 @@ class Hetero(MergeMethod):
         activation = None
         if self.params.lam > 0:
             wanted = [s.name for s in graphs[0].spaces if s.name not in fixed]
+            batches = ctx.require_batches("method 'hetero': activation statistics")
             stats = collect_statistics(padded, batches(), wanted)
             activation = {name: s.correlation() for name, s in stats.items()}
         solver = make_solver(self.params.solver, self.params.alpha, self.params.beta)
@@ -119,7 +139,6 @@ class Hetero(MergeMethod):
                 "shallow_blocks": list(alignment.shallow_blocks),
                 "positions": [list(p) for p in alignment.positions],
                 "alignment_score": alignment.score,
-                "cka": [[round(float(v), 6) for v in row] for row in cka.to(torch.float64)],
                 "single_model_spaces": sorted(single),
                 "sweeps": result.sweeps,
             }

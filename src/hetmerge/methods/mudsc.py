@@ -18,10 +18,12 @@ from hetmerge.matching.dual_space import dual_space_matching
 from hetmerge.matching.solvers import make_solver
 from hetmerge.merged import MergedModel
 from hetmerge.methods.base import (
+    Choice,
     MergeContext,
     MergeError,
     MergeMethod,
     MethodParams,
+    first_best,
     register,
 )
 from hetmerge.methods.spacewise import assemble, target_architecture
@@ -82,18 +84,25 @@ class MuDSC(MergeMethod):
         ctx.notes.setdefault("sweeps", {})[str(lam)] = result.sweeps
         return assemble(models, result.merges, None, like)
 
-    def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
+    def choice(self) -> Choice | None:
+        """With `lam: null`, λ is chosen from `lam_grid` by the merges' joint accuracy on the merge slice."""
         if self.params.lam is not None:
+            return None
+        return Choice("lam", tuple(float(v) for v in self.params.lam_grid))
+
+    def combine(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
+        choice = self.choice()
+        if choice is None:
             ctx.notes["lam"] = self.params.lam
             return self.merge_at(models, ctx, self.params.lam)
         if ctx.score is None:
             raise MergeError("method 'mudsc' with lam: null chooses λ on the labelled merge slice, which was not given")
-        scores = {}
-        best = None
-        for lam in self.params.lam_grid:
+        scores: list[float] = []
+        for lam in choice.grid:
             candidate = self.finish(self.merge_at(models, ctx, lam), ctx)
-            scores[lam] = ctx.score(candidate)
-            if best is None or scores[lam] > scores[best[0]]:
-                best = (lam, candidate)
-        ctx.notes.update({"lam": best[0], "lam_scores": {str(k): v for k, v in scores.items()}})
-        return best[1]
+            scores.append(ctx.score(candidate))
+            if first_best(scores) == len(scores) - 1:  # keep only the best so far: one candidate in memory
+                best = candidate
+        lam = choice.grid[first_best(scores)]
+        ctx.notes.update({"lam": lam, "lam_scores": {str(v): s for v, s in zip(choice.grid, scores, strict=True)}})
+        return best

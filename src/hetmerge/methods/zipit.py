@@ -92,6 +92,11 @@ class ZipIt(MergeMethod):
     uses_statistics = True
     risk_warning = ZipBudgetWarning
 
+    def analyses(self) -> tuple[str, ...]:
+        """A partial zip (`stop_after`) keeps every model's tail: it offers the accuracy-against-cut curve, and no
+        landscape (its merge is no single network in the models' weight space)."""
+        return ("partial_zip",) if self.params.stop_after is not None else super().analyses()
+
     def risk(self, models: Sequence[MultiTaskNet]) -> str | None:
         require_same_structure(self.name, models)
         cut = resolve_cut(models[0], self.params.stop_after)

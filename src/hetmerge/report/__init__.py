@@ -1,11 +1,13 @@
-"""Paper-ready report of evaluation results: LaTeX tables (each with an HTML twin), figures, results.csv, a
-provenance table (CSV and HTML) and a main.tex.
+"""Paper-ready report of a run, built from the report spec alone (labels, table membership, row order and the
+result files to read): LaTeX tables (each with an HTML twin), figures, results.csv, a provenance table, an
+overview page for the HTML report and a main.tex. Every table or figure is one registered layout module.
 
 Deliberately free of torch, so the report job starts fast.
 """
 
-from hetmerge.report.aggregate import ReportData, aggregate
-from hetmerge.report.build import BUILDERS, Builder, build_report
+from hetmerge.report.aggregate import aggregate
+from hetmerge.report.build import build_report
+from hetmerge.report.data import ReportData, load_report_data
 from hetmerge.report.latex import (
     Artifact,
     LatexUnavailableError,
@@ -15,9 +17,7 @@ from hetmerge.report.latex import (
 )
 
 __all__ = [
-    "BUILDERS",
     "Artifact",
-    "Builder",
     "LatexUnavailableError",
     "ReportData",
     "aggregate",
@@ -25,4 +25,5 @@ __all__ = [
     "compile_latex",
     "latex_environment",
     "latex_escape",
+    "load_report_data",
 ]

@@ -6,7 +6,6 @@ Every table and figure reads this one frame, so that they can never disagree abo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,24 +17,11 @@ DESCRIPTORS = ("arch_label", "label", "kind")
 """Display fields that must be constant within a row's records."""
 BASE_METRICS = ("joint", "task_avg", "params", "flops")
 STATS = ("mean", "std", "n")
-LAYOUTS = ("standard", "mudsc", "hetero")
-"""Table layouts an experiment can ask for (record field `layout`; records without it are "standard")."""
 
 
 def task_metric(task: str) -> str:
     """Metric name of one task's accuracy, mirroring its JSON path `metrics.tasks.<task>`."""
     return f"tasks.{task}"
-
-
-@dataclass(frozen=True)
-class ReportData:
-    """What every table/figure builder receives: the raw records (for builders that need fields the
-    aggregation drops, e.g. provenance), the aggregated frame, and analysis records (λ sweeps, loss
-    landscapes: anything that is not one evaluated model, told apart by their `kind`)."""
-
-    records: tuple[Mapping[str, Any], ...]
-    frame: pd.DataFrame
-    analysis: tuple[Mapping[str, Any], ...] = ()
 
 
 def aggregate(records: Sequence[Mapping[str, Any]], *, method_order: Sequence[str] = ()) -> pd.DataFrame:
@@ -85,11 +71,6 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, method_order: Sequence[st
     return pd.DataFrame(rows).sort_values(["dataset", "arch", "method_rank"]).reset_index(drop=True)
 
 
-def methods_in(frame: pd.DataFrame) -> list[str]:
-    """Methods of `frame` in report order, also when architectures have different method sets."""
-    return list(frame.drop_duplicates("method").sort_values("method_rank")["method"])
-
-
 def tasks_in(frame: pd.DataFrame) -> list[str]:
     """Task names with at least one accuracy in `frame`, so a table shows no all-empty task columns."""
     return [
@@ -97,41 +78,6 @@ def tasks_in(frame: pd.DataFrame) -> list[str]:
         for column in frame.columns
         if column.startswith("tasks.") and column.endswith("_n") and frame[column].sum() > 0
     ]
-
-
-def layouts(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], str]:
-    """Table layout of every (dataset, arch) in `records`: one of LAYOUTS, "standard" where not given.
-
-    Raises ValueError for an unknown layout or an experiment whose records disagree (e.g. some
-    evaluated before the layout was configured), since its tables would depend on which record won.
-    """
-    found: dict[tuple[str, str], set[str]] = {}
-    for record in records:
-        layout = record.get("layout", "standard")
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown table layout {layout!r} (known: {', '.join(LAYOUTS)})")
-        found.setdefault((record["dataset"], record["arch"]), set()).add(layout)
-    for (dataset, arch), values in found.items():
-        if len(values) > 1:
-            raise ValueError(f"records for {dataset}/{arch} disagree on 'layout': {sorted(values)}")
-    return {key: next(iter(values)) for key, values in found.items()}
-
-
-def groups(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], str]:
-    """Table group of every (dataset, arch) in `records`: the record field `group`, or the experiment's own
-    key where it is null or absent (an experiment without a group gets a table of its own).
-
-    Raises ValueError for an experiment whose records disagree, since it would land in two tables.
-    """
-    found: dict[tuple[str, str], set[str]] = {}
-    for record in records:
-        group = record.get("group")
-        key = (record["dataset"], record["arch"])
-        found.setdefault(key, set()).add(record["arch"] if group is None else str(group))
-    for (dataset, arch), values in found.items():
-        if len(values) > 1:
-            raise ValueError(f"records for {dataset}/{arch} disagree on 'group': {sorted(values)}")
-    return {key: next(iter(values)) for key, values in found.items()}
 
 
 def _flatten(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Provenance of every evaluated row: seeds, device, code and package versions, and the row's config slice.
 
-Reads the fields that `hetmerge evaluate` records (see hetmerge.provenance) and writes them as
-`provenance.csv` and as a standalone `provenance.html` for the HTML report. Fields a record lacks are left
-empty rather than refused, so that results from older runs still get a (sparser) table.
+Reads the fields that result JSONs record (see hetmerge.provenance) and writes them as `provenance.csv` and as
+a standalone `provenance.html` for the HTML report. Fields a record lacks are left empty rather than refused,
+so that partial results still get a (sparser) table.
 """
 
 from __future__ import annotations
@@ -15,8 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from hetmerge.atomic import atomic_path
-from hetmerge.report.aggregate import ReportData
+from hetmerge.report.data import ReportData, dataset_label, report_labels
 from hetmerge.report.html import render_html
+from hetmerge.report.latex import Artifact
+from hetmerge.report.layout import Layout, Output, register_layout
+
+CSV_PATH = "provenance.csv"
+HTML_PATH = "provenance.html"
 
 PROVENANCE_COLUMNS = (
     "dataset",
@@ -36,7 +41,7 @@ PROVENANCE_COLUMNS = (
     "config",
 )
 """Columns of provenance.csv. `seed` is the seed of the evaluated model itself (a base model's training seed,
-a merge's seed where its checkpoint records one); `config` is the row's config slice as compact JSON."""
+a merge's seed where its result records one); `config` is the row's method, params and analyses as compact JSON."""
 SUMMARY_FIELDS = {
     "git_commit": "Git commit",
     "hetmerge": "hetmerge",
@@ -54,19 +59,18 @@ def compact_json(value: Any) -> str:
 
 
 def provenance_row(record: Mapping[str, Any]) -> dict[str, Any]:
-    """One evaluation record's provenance as a flat row of PROVENANCE_COLUMNS; None where it records nothing."""
+    """One record's provenance as a flat row of PROVENANCE_COLUMNS; None where it records nothing."""
     prov = record.get("provenance") or {}
     git = prov.get("git") or {}
     packages = prov.get("packages") or {}
-    source = record.get("source") or {}
     return {
         "dataset": record["dataset"],
         "experiment": record["arch"],
         "method": record["method"],
-        "label": record.get("label"),
-        "pair": record.get("pair"),
-        "split_seed": record.get("split_seed"),
-        "seed": source.get("seed"),
+        "label": record["label"],
+        "pair": record["pair"],
+        "split_seed": record["split_seed"],
+        "seed": record["source"].get("seed"),
         "device": prov.get("device"),
         "git_commit": git.get("commit"),
         "git_dirty": git.get("dirty"),
@@ -74,26 +78,15 @@ def provenance_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "torch": packages.get("torch"),
         "python": prov.get("python"),
         "cuda": prov.get("cuda"),
-        "config": compact_json(record["config"]) if "config" in record else None,
+        "config": compact_json(record["config"]),
     }
 
 
 def provenance_rows(data: ReportData) -> list[dict[str, Any]]:
-    """A row per evaluation record, in table order: dataset, experiment, model pair, then method order."""
-    rank = {
-        (row["dataset"], row["arch"], row["method"]): row["method_rank"]
-        for row in data.frame[["dataset", "arch", "method", "method_rank"]].to_dict("records")
-    }
-    rows = [provenance_row(record) for record in data.records]
-    return sorted(
-        rows,
-        key=lambda row: (
-            row["dataset"],
-            row["experiment"],
-            (row["pair"] is None, row["pair"] or 0),
-            rank[(row["dataset"], row["experiment"], row["method"])],
-        ),
-    )
+    """A row per record, in report order: experiment (spec order), seed, then the experiment's row order."""
+    position = {experiment["key"]: i for i, experiment in enumerate(data.spec["experiments"])}
+    records = sorted(data.records, key=lambda record: (position[record["arch"]], record["pair"]))
+    return [provenance_row(record) for record in records]
 
 
 def _csv_value(value: Any) -> str:
@@ -111,10 +104,26 @@ def _commit_text(commit: str | None, dirty: bool | None) -> str | None:
     return f"{commit} (uncommitted changes)" if dirty else commit
 
 
+@register_layout
+class Provenance(Layout):
+    name = "provenance"
+
+    def outputs(self, spec: Mapping[str, Any]) -> list[Output]:
+        labels = report_labels(dataset=dataset_label(spec))
+        return [
+            Output(CSV_PATH, "provenance.rst", "Data", "Provenance", labels),
+            Output(HTML_PATH, "provenance.rst", "Provenance", "Evaluation records", labels),
+        ]
+
+    def write(self, data: ReportData, out_dir: Path) -> list[Artifact]:
+        provenance_files(data, out_dir)
+        return []
+
+
 def provenance_files(data: ReportData, out_dir: Path) -> list[Path]:
     """Write `provenance.csv` and `provenance.html` under `out_dir` and return both paths."""
     rows = provenance_rows(data)
-    csv_path = Path(out_dir) / "provenance.csv"
+    csv_path = Path(out_dir) / CSV_PATH
     with atomic_path(csv_path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(PROVENANCE_COLUMNS)
@@ -130,7 +139,7 @@ def provenance_files(data: ReportData, out_dir: Path) -> list[Path]:
         ordered = sorted(values.items(), key=lambda item: (-item[1], item[0] is None, str(item[0])))
         summary.append({"name": name, "counts": ordered})
     html_path = render_html(
-        Path(out_dir) / "provenance.html",
+        Path(out_dir) / HTML_PATH,
         "provenance.html.j2",
         title="Provenance",
         summary=summary,
