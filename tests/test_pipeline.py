@@ -182,8 +182,6 @@ def test_full_run_writes_paper_and_results(completed):
         if rec["kind"] == "base":  # what ensembles are scored from, one entry per test image
             assert len(rec["predictions"]["score"]) == len(rec["predictions"]["correct"]) == m["n_images"]
             assert abs(sum(rec["predictions"]["correct"]) / m["n_images"] - m["joint"]) < 1e-6
-        else:
-            assert 0 <= rec["merge_metrics"]["joint"] <= 1, path
     curves = [rec["curve"] for rec in results.values() if rec.get("curve")]
     assert len(curves) == 2  # mudsc_align of each seed: its λ grid and the figure's values, in one job
     for curve in curves:

@@ -274,20 +274,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     save_model(merged, args.out, info)
     print(f"{args.method}: merged {len(models)} models in {info['merge_seconds']:.2f}s")
     if args.result:
-        slice_scores = score(merged)
-        merge_metrics = {k: slice_scores[k] for k in ("joint", "task_avg", "tasks")}
-        write_result(
-            args.result,
-            "merge",
-            merged,
-            ds,
-            split,
-            info,
-            device,
-            args.eval_batch_size,
-            merge_metrics=merge_metrics,
-            curve=curve,
-        )
+        write_result(args.result, "merge", merged, ds, split, info, device, args.eval_batch_size, curve=curve)
 
 
 def _merge_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list, Any, Any, list[dict[str, Any]]]:

@@ -406,6 +406,12 @@ def _preload() -> None:
                 importlib.import_module(module.name)
             except Exception:
                 failed(module.name)
+    # torch imports its compiler stack lazily, at the first random initialisation (nn.init goes through
+    # torch._refs): 1.6 s that every forked child would pay again, as building a model from a checkpoint does
+    try:
+        importlib.import_module("torch._dynamo")
+    except Exception:
+        failed("torch._dynamo")
     print(f"preloaded {len(sys.modules)} modules", flush=True)
 
 
