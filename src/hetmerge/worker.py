@@ -406,12 +406,14 @@ def _preload() -> None:
                 importlib.import_module(module.name)
             except Exception:
                 failed(module.name)
-    # torch imports its compiler stack lazily, at the first random initialisation (nn.init goes through
-    # torch._refs): 1.6 s that every forked child would pay again, as building a model from a checkpoint does
-    try:
-        importlib.import_module("torch._dynamo")
-    except Exception:
-        failed("torch._dynamo")
+    # torch imports its compiler stack lazily: torch._dynamo at the first random initialisation (nn.init goes
+    # through torch._refs), torch._inductor in use_deterministic_algorithms; 1.6 s each that every forked child
+    # (building a model, training) would pay again
+    for name in ("torch._dynamo", "torch._inductor"):
+        try:
+            importlib.import_module(name)
+        except Exception:
+            failed(name)
     print(f"preloaded {len(sys.modules)} modules", flush=True)
 
 
