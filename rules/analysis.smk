@@ -13,6 +13,8 @@ rule landscape:
         code=field("landscape", "code"),
         device=COMPUTE["device"],
     threads: 1
+    # long, and last before the report: started as soon as its merges exist, so no core idles at the end
+    priority: 2
     resources:
         gpu=GPU_SLOTS,
     conda:

@@ -17,6 +17,8 @@ rule train:
         code=field("train", "code"),
         device=COMPUTE["device"],
     threads: COMPUTE["train_threads"]
+    # training first: everything else waits for models, and the long jobs must not be left for the end
+    priority: 1
     resources:
         gpu=COMPUTE["train_gpus"],
     conda:

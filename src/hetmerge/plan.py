@@ -263,9 +263,22 @@ class Planner:
         folder, models, split = self._folder(experiment, seed)
         curve_values: list[float] = []
         if row.choice is not None:
-            # a curve analysis `<x>_curve` is drawn at the values `analysis.<x>_values` besides the method's grid
+            # A curve analysis `<x>_curve` is drawn at the values `analysis.<x>_values` besides the method's grid,
+            # where some experiment of these models asks for the figure of this method and parameters: decided
+            # per (models, method, params), so that every experiment listing the merge names one job.
+            models_of = self.config["experiments"][experiment]["models"]
+            drawn = any(
+                e["models"] == models_of
+                and any(
+                    (self.rows[k].method, self.rows[k].params) == (row.method, row.params) for k in e["lambda_sweep"]
+                )
+                for e in self.config["experiments"].values()
+            )
             figure = [
-                v for a in row.analyses if a.endswith("_curve") for v in self.config["analysis"][f"{a[:-6]}_values"]
+                v
+                for a in row.analyses
+                if drawn and a.endswith("_curve")
+                for v in self.config["analysis"][f"{a.removesuffix('_curve')}_values"]
             ]
             curve_values = sorted({float(v) for v in [*row.choice["grid"], *figure]})
         args = {
