@@ -115,3 +115,20 @@ def report_output(output):
         subcategory=output["subcategory"],
         labels=output["labels"] or None,
     )
+
+
+def merge_inputs(wc):
+    """A merge's data, split, models, and the statistics and precomputed inputs its method reads."""
+    entry = job("merge")(wc)
+    inputs = {"data": PLAN["data"]["path"], "split": entry["split"], "models": entry["models"]}
+    inputs.update(stats=entry.get("stats", []), precomputed=list(entry.get("precomputed", {}).values()))
+    return inputs
+
+
+def merge_options(wc):
+    """`--stats PATH` and `--precomputed NAME=PATH ...` for the inputs the method reads."""
+    entry = job("merge")(wc)
+    options = ["--stats", entry["stats"]] if "stats" in entry else []
+    if "precomputed" in entry:
+        options += ["--precomputed", *(f"{name}={path}" for name, path in entry["precomputed"].items())]
+    return options

@@ -53,22 +53,6 @@ rule precompute:
         "--threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
-def merge_inputs(wc):
-    entry = job("merge")(wc)
-    inputs = {"data": PLAN["data"]["path"], "split": entry["split"], "models": entry["models"]}
-    inputs.update(stats=entry.get("stats", []), precomputed=list(entry.get("precomputed", {}).values()))
-    return inputs
-
-
-def merge_options(wc):
-    """`--stats PATH` and `--precomputed NAME=PATH ...` for the inputs the method reads."""
-    entry = job("merge")(wc)
-    options = ["--stats", entry["stats"]] if "stats" in entry else []
-    if "precomputed" in entry:
-        options += ["--precomputed", *(f"{name}={path}" for name, path in entry["precomputed"].items())]
-    return options
-
-
 rule merge:
     """Merge one ordered list of models with one method and its parameters; evaluate the merge (result JSON)."""
     input:

@@ -9,7 +9,7 @@ rule report:
     params:
         spec=json.dumps(REPORT["spec"], sort_keys=True),
         code=REPORT["code"],
-        folder=REPORT["folder"],
+        folder=lambda wc, output: os.path.dirname(output[0]),  # main.tex comes first
     conda:
         "../envs/hetmerge.yaml"
     log:
@@ -25,7 +25,7 @@ rule paper_pdf:
     output:
         f"{REPORT['folder']}/main.pdf",
     params:
-        paper=REPORT["folder"],
+        paper=lambda wc, output: os.path.dirname(output[0]),
         log=lambda wc, log: os.path.abspath(log[0]),
     conda:
         "../envs/hetmerge.yaml"
