@@ -25,11 +25,11 @@ rule paper_pdf:
     output:
         f"{REPORT['folder']}/main.pdf",
     params:
-        paper=lambda wc, output: os.path.dirname(output[0]),
-        log=lambda wc, log: os.path.abspath(log[0]),
+        main=lambda wc, input: input[0],  # main.tex comes first
     conda:
         "../envs/hetmerge.yaml"
     log:
         f"{RESULTS}/logs/paper_pdf/{NAME}.log",
     shell:
-        "cd {params.paper:q} && latexmk -pdf -interaction=nonstopmode -halt-on-error main.tex > {params.log:q} 2>&1"
+        # -cd: LaTeX runs in main.tex's folder, where its \input and \includegraphics paths start
+        "latexmk -cd -pdf -interaction=nonstopmode -halt-on-error {params.main:q} > {log:q} 2>&1"

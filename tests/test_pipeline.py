@@ -250,6 +250,18 @@ def test_second_run_is_a_no_op_and_stays_light(completed):
     assert seconds < 10, seconds  # ~1 s here; generous for slow CI machines
 
 
+@pytest.mark.skipif(shutil.which("latexmk") is None, reason="needs latexmk (run.sh installs it with apt)")
+def test_paper_pdf_compiles_with_scalable_fonts(completed):
+    code, out = snakemake(completed, "paper_pdf", timeout=300)
+    assert code == 0, out + (completed / "results/logs/paper_pdf/tiny.log").read_text()[-3000:]
+    pdf = completed / PAPER / "main.pdf"
+    assert pdf.read_bytes().startswith(b"%PDF")
+    assert "Overfull" not in (completed / PAPER / "main.log").read_text()
+    if shutil.which("pdffonts"):
+        fonts = subprocess.run(["pdffonts", str(pdf)], capture_output=True, text=True, check=True).stdout
+        assert "Type 3" not in fonts, fonts
+
+
 def dry_jobs(cwd: Path, config: str) -> tuple[dict[str, int], str]:
     code, out = snakemake(cwd, "-n", "all", configfile=config)
     assert code == 0, out
