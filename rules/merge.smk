@@ -26,8 +26,8 @@ rule statistics:
 
 
 rule precompute:
-    """An input some methods read (e.g. hetero's depth alignment: block CKA and every strategy's positions),
-    computed once per ordered list of models and seed."""
+    """An input that methods declare in `precomputed` and read, computed once per ordered list of models and
+    seed (the registry's PRECOMPUTE names what computes it)."""
     input:
         data=PLAN["data"]["path"],
         split=field("precompute", "split"),

@@ -127,27 +127,47 @@ def write_result(
     info: dict[str, Any],
     device: Any,
     batch_size: int,
+    *,
+    tested: dict[str, Any] | None = None,
     **extra: Any,
 ) -> None:
     """The small result JSON next to a trained model or merge: test metrics, cost, and what made it.
 
     A base model also keeps each test image's top logit and correctness, so that ensembles of base models are
-    scored without running them again."""
+    scored without running them again. `tested`: the model's test accuracies where the job already has them
+    (computed with `batch_size`), so that they are not computed twice."""
+    record = evaluation_record(model, ds, split, info, device, batch_size, predictions=kind == "base", tested=tested)
+    write_json(path, {"kind": kind, "dataset": ds.name, **extra, **record})
+    _print_accuracies(path, record["metrics"])
+
+
+def evaluation_record(
+    model: Any,
+    ds: Any,
+    split: Any,
+    info: dict[str, Any],
+    device: Any,
+    batch_size: int,
+    *,
+    predictions: bool = False,
+    tested: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Test accuracies and cost of `model`, with the split, what made it (from its metadata `info`), timings
+    and provenance: the record of `hetmerge evaluate` and of the train and merge jobs' result files."""
     from hetmerge.evaluation import accuracies, cost
     from hetmerge.provenance import provenance
 
     t0 = time.perf_counter()
-    metrics = accuracies(model.to(device).eval(), ds, split, batch_size, device, predictions=kind == "base")
-    predictions = metrics.pop("predictions", None)
+    metrics = dict(
+        tested or accuracies(model.to(device).eval(), ds, split, batch_size, device, predictions=predictions)
+    )
+    kept_predictions = metrics.pop("predictions", None)
     metrics.update(cost(model, ds.input_shape))
     keep = ("method", "params", "notes", "cut", "units", "seed", "task", "train")
     record = {
-        "kind": kind,
-        "dataset": ds.name,
+        "metrics": metrics,
         "split_seed": split.seed,
         "tasks": {t.name: list(t.classes) for t in split.tasks},
-        "metrics": metrics,
-        **extra,
         "source": {k: info[k] for k in keep if k in info},
         "timings": {
             "eval_seconds": round(time.perf_counter() - t0, 3),
@@ -155,9 +175,12 @@ def write_result(
         },
         "provenance": provenance(device),
     }
-    if predictions is not None:
-        record["predictions"] = predictions
-    write_json(path, record)
+    if kept_predictions is not None:
+        record["predictions"] = kept_predictions
+    return record
+
+
+def _print_accuracies(path: str, metrics: dict[str, Any]) -> None:
     tasks = ", ".join(f"{t} {'--' if a is None else f'{100 * a:.1f}'}" for t, a in metrics["tasks"].items())
     print(f"{path}: joint {100 * metrics['joint']:.1f}; {tasks}")
 
@@ -226,7 +249,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     choice = method.choice()
-    curve = None
+    curve = tested = None
     if choice is None:
         merged, ctx = merge(method)
     else:
@@ -249,13 +272,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
                 | {part: {k: s[k] for k in keys} for part, s in scores.items()}
             )
             if value in choice.grid:
-                kept[value] = (candidate, ctx, scores["merge"]["joint"])
+                kept[value] = (candidate, ctx, scores)
             print(
                 f"{choice.param} {value}: joint {100 * scores['merge']['joint']:.1f} on the merge slice, "
                 f"{100 * scores['test']['joint']:.1f} on the test set"
             )
-        chosen = choice.choose({v: kept[v][2] for v in choice.grid})
-        merged, ctx, _ = kept[chosen]
+        chosen = choice.choose({v: scores["merge"]["joint"] for v, (_, _, scores) in kept.items()})
+        merged, ctx, scores = kept[chosen]
+        tested = scores["test"]  # the kept merge's test accuracies: its result reuses them
         ctx.notes[choice.param] = chosen
         curve = {"param": choice.param, "chosen": chosen, "points": sorted(points, key=lambda p: p[choice.param])}
     info = {
@@ -274,7 +298,9 @@ def cmd_merge(args: argparse.Namespace) -> None:
     save_model(merged, args.out, info)
     print(f"{args.method}: merged {len(models)} models in {info['merge_seconds']:.2f}s")
     if args.result:
-        write_result(args.result, "merge", merged, ds, split, info, device, args.eval_batch_size, curve=curve)
+        write_result(
+            args.result, "merge", merged, ds, split, info, device, args.eval_batch_size, tested=tested, curve=curve
+        )
 
 
 def _merge_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list, Any, Any, list[dict[str, Any]]]:
@@ -395,8 +421,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from hetmerge.checkpoint import load_model
     from hetmerge.compatibility import check_model, check_split_data
     from hetmerge.data import load_prepared, load_split
-    from hetmerge.evaluation import accuracies, cost
-    from hetmerge.provenance import provenance
 
     records = args.records if args.records is not None else [{}] * len(args.models)
     if not isinstance(records, list) or len(records) != len(args.models):
@@ -408,28 +432,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     for path, fields in zip(args.models, records, strict=True):
         model, meta = load_model(path)
         check_model(path, model, meta, args.split, split, args.data, ds)
-        model.to(device)
-        t0 = time.perf_counter()
-        metrics = accuracies(model, ds, split, args.batch_size, device)
-        metrics.update(cost(model, ds.input_shape))
-        info = meta["info"]
-        keep = ("method", "params", "notes", "cut", "units", "seed", "task", "train")
-        results.append(
-            {
-                **fields,
-                "metrics": metrics,
-                "split_seed": split.seed,
-                "tasks": {t.name: list(t.classes) for t in split.tasks},
-                "source": {k: info[k] for k in keep if k in info},
-                "timings": {
-                    "eval_seconds": round(time.perf_counter() - t0, 3),
-                    **{k: info[k] for k in ("train_seconds", "merge_seconds") if k in info},
-                },
-                "provenance": provenance(device),
-            }
-        )
-        tasks = ", ".join(f"{t} {'--' if a is None else f'{100 * a:.1f}'}" for t, a in metrics["tasks"].items())
-        print(f"{path}: joint {100 * metrics['joint']:.1f}; {tasks}")
+        record = evaluation_record(model, ds, split, meta["info"], device, args.batch_size)
+        results.append({**fields, **record})
+        _print_accuracies(path, record["metrics"])
     write_json(args.out, results)
 
 

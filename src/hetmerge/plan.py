@@ -112,8 +112,6 @@ class Planner:
         return resolved
 
     def _row(self, key: str, entry: Mapping[str, Any]) -> Row:
-        from dataclasses import asdict
-
         from hetmerge.methods import build_method
         from hetmerge.params import as_dict
 
@@ -128,9 +126,7 @@ class Planner:
             method=entry["method"],
             params=as_dict(method.params),
             analyses=tuple(method.analyses()),
-            choice=None
-            if choice is None
-            else {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(choice).items()},
+            choice=None if choice is None else as_dict(choice),
             precomputed=tuple(method.precomputed),
             uses_statistics=method.uses_statistics,
             scored_from_predictions=method.scored_from_predictions,
