@@ -125,6 +125,21 @@ def merge_inputs(wc):
     return inputs
 
 
+def split_options(wc):
+    """The split job's arguments as `hetmerge split` options (lists spread, null for "all")."""
+    options = []
+    for key, value in sorted(job("split")(wc)["args"].items()):
+        values = value if isinstance(value, list) else [value]
+        options += [f"--{key.replace('_', '-')}", *(json.dumps(v) if v is None else str(v) for v in values)]
+    return options
+
+
+def train_options(wc):
+    """`--partition NAME` for a model trained on one partition of a same-task split."""
+    partition = job("train")(wc)["args"].get("partition")
+    return ["--partition", partition] if partition else []
+
+
 def merge_options(wc):
     """`--stats PATH` and `--precomputed NAME=PATH ...` for the inputs the method reads."""
     entry = job("merge")(wc)

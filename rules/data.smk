@@ -18,21 +18,18 @@ rule dataset:
 
 
 rule split:
-    """Class-disjoint tasks and a held-out merge slice, drawn from one seed."""
+    """Class-disjoint tasks and a held-out merge slice, or N models' partitions of one task and a fusion set, drawn
+    from one seed."""
     input:
         PLAN["data"]["path"],
     output:
         f"{RESULTS}/splits/{{name}}.json",
     params:
-        args=field("split", "args"),
-        train_per_task=as_json("split", "args", "train_per_task"),
-        test_per_task=as_json("split", "args", "test_per_task"),
+        options=split_options,
         code=field("split", "code"),
     conda:
         "../envs/hetmerge.yaml"
     log:
         stage_log("split"),
     shell:
-        "python -m hetmerge split --data {input:q} --seed {params.args[seed]:q} --num-tasks {params.args[num_tasks]:q} "
-        "--merge-per-class {params.args[merge_per_class]:q} --train-per-task {params.train_per_task:q} "
-        "--test-per-task {params.test_per_task:q} --out {output:q} > {log:q} 2>&1"
+        "python -m hetmerge split --data {input:q} {params.options:q} --out {output:q} > {log:q} 2>&1"

@@ -14,6 +14,7 @@ rule train:
         args=field("train", "args"),
         model=as_json("train", "args", "model"),
         train=as_json("train", "args", "train"),
+        options=train_options,
         code=field("train", "code"),
         device=COMPUTE["device"],
     threads: COMPUTE["train_threads"]
@@ -29,6 +30,6 @@ rule train:
         stage_benchmark("train")
     shell:
         "python -m hetmerge train --data {input.data:q} --split {input.split:q} --task {params.args[task]:q} "
-        "--model {params.model:q} --train {params.train:q} --seed {params.args[seed]:q} "
+        "{params.options:q} --model {params.model:q} --train {params.train:q} --seed {params.args[seed]:q} "
         "--eval-batch-size {params.args[eval_batch_size]:q} --device {params.device:q} --threads {threads} "
         "--out {output.model:q} --result {output.result:q} > {log:q} 2>&1"

@@ -26,6 +26,9 @@ from hetmerge.statistics import collect_statistics
 SHAPE = (1, 8, 8)
 VGG = ("vgg", {"depth": 11, "width": 0.0625})
 VIT = ("vit", {"depth": 2, "width": 16, "heads": 2, "patch": 4, "mlp_ratio": 2.0})
+PLAIN_VGG = ("vgg", {"depth": 11, "width": 0.0625, "batch_norm": False})  # the neuron-interpolation paper's kind
+# SGD: torch's Adam asks the accelerator runtime about graph capture, which the emulated device cannot answer
+QUICK = {"epochs": 1, "head_epochs": 1, "optimizer": "sgd", "head_optimizer": "sgd"}
 # (models, params) per registered method; every registered method must appear here (see the test below)
 CASES: dict[str, list[tuple[tuple, tuple, dict]]] = {
     "average": [(VGG, VGG, {})],
@@ -47,6 +50,16 @@ CASES: dict[str, list[tuple[tuple, tuple, dict]]] = {
             {"strategy": "layer", "solver": "zip", "lam": 0.5, "max_sweeps": 2},
         ),
     ],
+    # same-task fusion: both models have one head over the same classes (see models_for)
+    "otfusion": [
+        (PLAIN_VGG, PLAIN_VGG, {"importance": "conductance"}),
+        (PLAIN_VGG, PLAIN_VGG, {"cost": "weights", "solver": "sinkhorn"}),
+        (VIT, VIT, {"importance": "deeplift"}),
+    ],
+    "hf": [(PLAIN_VGG, PLAIN_VGG, {"importance": "deeplift"})],
+    "kf": [(PLAIN_VGG, PLAIN_VGG, {"importance": "conductance", "restarts": 2})],
+    "kf_gradient": [(PLAIN_VGG, PLAIN_VGG, {**QUICK, "importance": "conductance"}), (VIT, VIT, QUICK)],
+    "last_layer_kd": [(PLAIN_VGG, PLAIN_VGG, {"epochs": 2, "optimizer": "sgd"})],
 }
 
 
@@ -85,11 +98,12 @@ def assert_states_match(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
             torch.testing.assert_close(other, value, atol=1e-4, rtol=1e-4, msg=key)
 
 
-def models_for(a_desc: tuple, b_desc: tuple) -> list[torch.nn.Module]:
+def models_for(a_desc: tuple, b_desc: tuple, same_task: bool = False) -> list[torch.nn.Module]:
+    """Two models of tasks A and B, or (`same_task`) of one task over the same 4 classes."""
     torch.manual_seed(1)
-    a = build_model(*a_desc, SHAPE, {"A": 3})
+    a = build_model(*a_desc, SHAPE, {"all": 4} if same_task else {"A": 3})
     torch.manual_seed(2)
-    b = build_model(*b_desc, SHAPE, {"B": 4})
+    b = build_model(*b_desc, SHAPE, {"all": 4} if same_task else {"B": 4})
     with torch.no_grad():  # non-trivial BatchNorm statistics, so the reset visibly matters
         for m in [*a.modules(), *b.modules()]:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -106,15 +120,25 @@ def data_on(device: torch.device) -> list[torch.Tensor]:
 def merge_on(
     device: torch.device, method: str, params: dict, descs: tuple
 ) -> tuple[MergedModel, dict, list[torch.nn.Module]]:
-    models = models_for(*descs)
+    same_task = REGISTRY[method].same_task
+    models = models_for(*descs, same_task=same_task)
     data = data_on(device)
     models = [m.to(device) for m in models]
+    labels = [torch.arange(len(x), device=device) % 4 for x in data]
+    shares = torch.tensor([[0.7, 0.2, 0.5, 0.0], [0.3, 0.8, 0.5, 1.0]], device=device)
 
     def score(model: MergedModel) -> float:
         with torch.no_grad():
             return float(sum(out.float().mean() for x in data for out in model(x).values()))
 
-    ctx = MergeContext(device=device, batches=lambda: iter(data), seed=3, score=score)
+    ctx = MergeContext(
+        device=device,
+        batches=lambda: iter(data),
+        labelled=(lambda: zip(data, labels, strict=True)) if same_task else None,
+        class_shares=shares if same_task else None,
+        seed=3,
+        score=score,
+    )
     merged = build_method(method, params)(models, ctx)
     return merged, ctx.notes, models
 

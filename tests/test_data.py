@@ -476,8 +476,8 @@ def test_split_validation_names_problem(tmp_path: Path) -> None:
         TaskSplit.from_json({k: v for k, v in good.items() if k != "tasks"})
     with pytest.raises(ValueError, match="share classes"):
         TaskSplit.from_json(good | {"tasks": [{"name": "A", "classes": [0, 1]}, {"name": "B", "classes": [1]}]})
-    with pytest.raises(ValueError, match="unknown split kind 'iid'"):
-        TaskSplit.from_json(good | {"kind": "iid"})
+    with pytest.raises(ValueError, match="unknown split kind 'bogus'"):
+        TaskSplit.from_json(good | {"kind": "bogus"})
     with pytest.raises(ValueError, match="must be a list of integers"):
         TaskSplit.from_json(good | {"merge_indices": [1.5]})
     with pytest.raises(ValueError, match=r"test_indices\['B'\] must be non-negative, sorted"):

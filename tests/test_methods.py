@@ -67,6 +67,11 @@ ANALYSES_OF = [
     ("hetero", {}, ("alignment",)),
     ("hetero", {"strategy": "layer", "lam": 0.5}, ("alignment",)),
     ("ensemble", {}, ()),
+    ("otfusion", {}, ("landscape",)),
+    ("hf", {}, ("landscape",)),
+    ("kf", {}, ("landscape",)),
+    ("kf_gradient", {}, ("landscape",)),
+    ("last_layer_kd", {}, ("landscape",)),
 ]
 
 
@@ -249,6 +254,11 @@ MLP_PARAMS = {
     "zipit": {},
     "mudsc": {"lam": 0.5, "max_sweeps": 2},
     "hetero": {},
+    "otfusion": {},
+    "hf": {},
+    "kf": {"restarts": 1},
+    "kf_gradient": {"epochs": 1, "head_epochs": 1},
+    "last_layer_kd": {"epochs": 1},
 }
 
 
@@ -277,8 +287,11 @@ def test_models_of_different_input_shapes_are_refused(method, make_model, ctx):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_or_inf_in_a_model_is_refused(method, value, make_model, ctx):
     """Average used to return a model answering NaN; zipit and mudsc failed with "symmetrise the matrix"."""
-    a = make_model("mlp", {"hidden": [8]}, {"A": 5}, seed=1)
-    b = make_model("mlp", {"hidden": [8]}, {"B": 5}, seed=2)
+    # same-task methods take models of one head and (HF, KF) no BatchNorm; the others models of two tasks
+    same_task = REGISTRY[method].same_task
+    spec = {"hidden": [8], "batch_norm": not same_task}
+    a = make_model("mlp", spec, {"A": 5}, seed=1)
+    b = make_model("mlp", spec, {"A" if same_task else "B": 5}, seed=2)
     with torch.no_grad():
         b.body.fc0.linear.weight[3, 2] = value
     with pytest.raises(MergeError, match=rf"'{method}': model 1 holds NaN or inf in \['body\.fc0\.linear\.weight'\]"):

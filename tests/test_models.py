@@ -115,19 +115,24 @@ def test_space_graph_leaves_nothing_out(family, spec, shape, make_model):
 @given(seed=st.integers(0, 2**31 - 1))
 def test_permuting_every_space_keeps_the_function(family, spec, shape, seed, randomize_bn):
     """Groups (heads, GroupNorm groups) move whole, linked spaces share their group order."""
-    model = build(family, spec, shape, randomize_bn, seed % 1000)
+    assert_permutations_keep_the_function(build(family, spec, shape, randomize_bn, seed % 1000), seed)
+
+
+def assert_permutations_keep_the_function(model, seed):
+    """A random function-preserving permutation of every space of `model` (a hetmerge net) changes no output."""
     graph = model.space_graph()
+    graph.check_against(model.state_dict())
     gen = torch.Generator().manual_seed(seed)
     perms = random_permutations(graph, gen)
     assert set(perms) == set(graph.names)
     assert any(not torch.equal(p, torch.arange(len(p))) for p in perms.values()), "all permutations trivial"
-    permuted = build_model(family, spec, shape, HEADS).eval()
+    permuted = build_from_description(model.describe()).eval()
     permuted.load_state_dict(permute_state(model.state_dict(), graph, perms))
-    x = torch.randn(4, *shape, generator=gen)
+    x = torch.randn(4, *model.input_shape, generator=gen)
     with torch.no_grad():
         expected, got = model(x), permuted(x)
-    assert set(got) == set(HEADS)
-    for task in HEADS:
+    assert set(got) == set(model.heads)
+    for task in model.heads:
         torch.testing.assert_close(got[task], expected[task], atol=1e-5, rtol=1e-4)
 
 

@@ -62,6 +62,10 @@ def test_every_bounded_parameter_declares_its_range():
         "weight_decay": "[0, ∞)",
         "warmup_epochs": "[0, ∞)",
         "label_smoothing": "[0, 1]",
+        "beta1": "[0, 1)",
+        "beta2": "[0, 1)",
+        "min_lr": "[0, ∞)",
+        "cutmix": "[0, ∞)",
     }
 
 

@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_library_example_runs(tmp_path, monkeypatch):
+def test_library_examples_run(tmp_path, monkeypatch):
+    """The merge example, then the same-task fusion example, which continues in its namespace."""
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    assert len(blocks) == 1, "README should have exactly one Python example"
+    assert len(blocks) == 2, "README should have two Python examples: merging and same-task fusion"
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
@@ -25,6 +26,12 @@ def test_library_example_runs(tmp_path, monkeypatch):
     merged = namespace["merged"]
     for task, value in merged(x).items():
         torch.testing.assert_close(again(x)[task], value)
+
+    exec(compile(blocks[1], "README.md", "exec"), namespace)
+    fused, parents = namespace["fused"], namespace["parents"]
+    assert namespace["digits"].shape == (8, 10)
+    assert fused.trunk.describe() == parents[0].describe()  # one network of the parents' architecture
+    assert not torch.equal(fused.trunk.body.fc0.linear.weight, parents[0].body.fc0.linear.weight)
 
 
 def test_quick_start_is_two_commands_and_ci_runs_the_test_one():

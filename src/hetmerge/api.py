@@ -30,6 +30,21 @@ def _input_batches(
     return passes
 
 
+def _labelled_batches(
+    data: Iterable[Any], device: torch.device
+) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """Fresh passes of `(x, y)` on `device` where the loader yields labelled batches, else None."""
+    first = next(iter(data), None)
+    if not isinstance(first, list | tuple) or len(first) < 2:
+        return None
+
+    def passes() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in data:
+            yield batch[0].to(device), torch.as_tensor(batch[1]).to(device)
+
+    return passes
+
+
 def _merge_inputs(models: Any, data: Any) -> list[MultiTaskNet]:
     """The models as a list, refusing what would fail obscurely later: a single module, modules that are no
     hetmerge network (they lack the feature-space description every method needs), and one-shot iterators as
@@ -60,11 +75,15 @@ def merge(
     data: Iterable[Any] | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    class_shares: torch.Tensor | Sequence[Sequence[float]] | None = None,
 ) -> MergedModel:
     """Merge `models` with a registered method.
 
     `data` is a re-iterable loader (e.g. a torch DataLoader) over held-out images used for activation
-    statistics and BatchNorm reset; each pass iterates it again. Returns a module mapping an input batch to
+    statistics and BatchNorm reset; each pass iterates it again. Where it yields `(images, labels)`, the labels
+    (class indices of the models' one head) serve the same-task fusion methods (neuron importance, distillation:
+    `merge(models, "kf", {"importance": "conductance"}, data=loader)`). `class_shares[k][c]`, model k's share of
+    class c's training data, weights the heads of methods that use it. Returns a module mapping an input batch to
     a dict of per-task logits. Models that take different input shapes or share a head name with different
     class counts, data of another shape, and NaN or inf in the weights, data or result raise a ValueError
     (MergeError where the method refuses) that names the culprit; models that are no hetmerge MultiTaskNet and
@@ -73,4 +92,7 @@ def merge(
     models = _merge_inputs(models, data)
     device = torch.device(device)
     batches = None if data is None or not models else _input_batches(data, device, models[0].input_shape)
-    return build_method(method, params)(models, MergeContext(device=device, batches=batches, seed=seed))
+    labelled = None if data is None else _labelled_batches(data, device)
+    shares = None if class_shares is None else torch.as_tensor(class_shares, dtype=torch.float32, device=device)
+    ctx = MergeContext(device=device, batches=batches, labelled=labelled, class_shares=shares, seed=seed)
+    return build_method(method, params)(models, ctx)

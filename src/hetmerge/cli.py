@@ -41,23 +41,44 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_split(args: argparse.Namespace) -> None:
-    from hetmerge.data import load_prepared, make_class_disjoint_split, save_split
+    from hetmerge.data import load_prepared, make_class_disjoint_split, make_same_task_split, save_split
 
     ds = load_prepared(args.data)
-    split = make_class_disjoint_split(
-        ds.train_labels,
-        ds.test_labels,
-        ds.num_classes,
-        args.num_tasks,
-        args.seed,
-        merge_per_class=args.merge_per_class,
-        train_per_task=args.train_per_task,
-        test_per_task=args.test_per_task,
-        dataset=ds.name,
-    )
+    if args.kind == "class_disjoint":
+        if args.merge_per_class is None:
+            raise ValueError("split kind 'class_disjoint' needs --merge-per-class")
+        split = make_class_disjoint_split(
+            ds.train_labels,
+            ds.test_labels,
+            ds.num_classes,
+            args.num_tasks,
+            args.seed,
+            merge_per_class=args.merge_per_class,
+            train_per_task=args.train_per_task,
+            test_per_task=args.test_per_task,
+            dataset=ds.name,
+        )
+    else:
+        if args.fusion_size is None:
+            raise ValueError(f"split kind {args.kind!r} needs --fusion-size")
+        split = make_same_task_split(
+            ds.train_labels,
+            ds.test_labels,
+            ds.num_classes,
+            args.num_tasks,
+            args.kind,
+            args.seed,
+            fusion_size=args.fusion_size,
+            train_total=args.train_per_task,
+            test_total=args.test_per_task,
+            dataset=ds.name,
+            concentration=tuple(args.concentration),
+        )
     save_split(split, args.out)
     for task in split.tasks:
         print(f"task {task.name}: classes {list(task.classes)}, {len(split.train_indices[task.name])} train images")
+    for name, indices in split.partitions.items():
+        print(f"model {name}: {len(indices)} train images, class shares {[round(s, 3) for s in split.shares[name]]}")
 
 
 def _setup(threads: int, device: str) -> Any:
@@ -73,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from hetmerge.checkpoint import save_model
     from hetmerge.data import load_prepared, load_split
     from hetmerge.models import FAMILIES, build_model
-    from hetmerge.params import as_dict, parse_params
+    from hetmerge.params import parse_params
     from hetmerge.provenance import provenance
     from hetmerge.training import (
         TrainSettings,
@@ -98,14 +119,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     # next to the output: keyed by its full path, so jobs of other seeds, task counts or datasets never share it
     resume = Path(args.out).with_name(Path(args.out).name + ".resume")
     t0 = time.perf_counter()
-    history = train_model(model, ds, split, task.name, settings, args.seed, device, resume)
+    history = train_model(model, ds, split, task.name, settings, args.seed, device, resume, args.partition)
     info = {
         "dataset": ds.name,
         "split_seed": split.seed,
         "task": task.name,
+        **({"partition": args.partition} if args.partition else {}),
         "classes": list(task.classes),
         "seed": args.seed,
-        "train": as_dict(settings),
+        "train": settings.describe(),
         "precision": resolve_precision(settings.precision, device),
         "channels_last": resolve_channels_last(settings.channels_last, model, device),
         "history": history,
@@ -115,7 +137,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     save_model(model, args.out, info)
     resume.unlink(missing_ok=True)
     if args.result:
-        write_result(args.result, "base", model, ds, split, info, device, args.eval_batch_size)
+        # a same-task model's share of each class's data weights its logits in the paper's ensemble
+        share = {"data_share": list(split.shares[args.partition])} if args.partition else {}
+        write_result(args.result, "base", model, ds, split, info, device, args.eval_batch_size, **share)
 
 
 def write_result(
@@ -134,9 +158,21 @@ def write_result(
     """The small result JSON next to a trained model or merge: test metrics, cost, and what made it.
 
     A base model also keeps each test image's top logit and correctness, so that ensembles of base models are
-    scored without running them again. `tested`: the model's test accuracies where the job already has them
-    (computed with `batch_size`), so that they are not computed twice."""
-    record = evaluation_record(model, ds, split, info, device, batch_size, predictions=kind == "base", tested=tested)
+    scored without running them again, and on a same-task split (its one task has every class) all its logits,
+    for the ensemble that weights members per class. `tested`: the model's test accuracies where the job already
+    has them (computed with `batch_size`), so that they are not computed twice."""
+    base = kind == "base"
+    record = evaluation_record(
+        model,
+        ds,
+        split,
+        info,
+        device,
+        batch_size,
+        predictions=base,
+        logits=base and bool(split.partitions),
+        tested=tested,
+    )
     write_json(path, {"kind": kind, "dataset": ds.name, **extra, **record})
     _print_accuracies(path, record["metrics"])
 
@@ -150,6 +186,7 @@ def evaluation_record(
     batch_size: int,
     *,
     predictions: bool = False,
+    logits: bool = False,
     tested: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Test accuracies and cost of `model`, with the split, what made it (from its metadata `info`), timings
@@ -159,7 +196,8 @@ def evaluation_record(
 
     t0 = time.perf_counter()
     metrics = dict(
-        tested or accuracies(model.to(device).eval(), ds, split, batch_size, device, predictions=predictions)
+        tested
+        or accuracies(model.to(device).eval(), ds, split, batch_size, device, predictions=predictions, logits=logits)
     )
     kept_predictions = metrics.pop("predictions", None)
     metrics.update(cost(model, ds.input_shape))
@@ -197,6 +235,41 @@ def _merge_batches(ds: Any, split: Any, batch_size: int, device: Any) -> Any:
     return passes
 
 
+def _labelled_batches(ds: Any, split: Any, batch_size: int, device: Any) -> Any:
+    """Passes over the merge slice's (images, labels) where the split has one task, so that a label is a class
+    index of the models' one head (same-task fusion); None for multi-task splits, where no head has every class."""
+    from hetmerge.data import iterate_batches, make_label_map
+
+    if len(split.tasks) != 1:
+        return None
+    label_map = make_label_map(split.tasks[0].label_map, ds.num_classes)
+
+    def passes() -> Any:
+        yield from iterate_batches(
+            ds.train_images,
+            ds.train_labels,
+            split.merge_indices,
+            batch_size,
+            ds.mean,
+            ds.std,
+            device=device,
+            label_map=label_map,
+        )
+
+    return passes
+
+
+def _class_shares(split: Any, metas: Sequence[dict[str, Any]], device: Any) -> Any:
+    """(models, classes) data shares of the models' partitions of a same-task split, in the order the models are
+    given; None for models trained on tasks rather than partitions."""
+    import torch
+
+    partitions = [meta["info"].get("partition") for meta in metas]
+    if None in partitions:
+        return None
+    return torch.tensor([split.shares[name] for name in partitions], device=device)
+
+
 def cmd_statistics(args: argparse.Namespace) -> None:
     from hetmerge.checkpoint import load_base_model
     from hetmerge.compatibility import check_models, source_records
@@ -225,7 +298,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from hetmerge.provenance import provenance
 
     method = build_method(args.method, args.params)
-    device, ds, split, models, stats, batches, sources = _merge_setup(args)
+    device, ds, split, models, stats, batches, sources, shares = _merge_setup(args)
     precomputed = {}
     for entry in args.precomputed:
         name, _, path = entry.partition("=")
@@ -240,6 +313,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
         ctx = MergeContext(
             device=device,
             batches=batches,
+            labelled=_labelled_batches(ds, split, args.batch_size, device),
+            class_shares=shares,
             seed=args.seed,
             stats=stats,
             score=lambda m: score(m)["joint"],
@@ -303,9 +378,10 @@ def cmd_merge(args: argparse.Namespace) -> None:
         )
 
 
-def _merge_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list, Any, Any, list[dict[str, Any]]]:
-    """What merging needs: device, dataset, split, base models, statistics, merge-slice batches and the models'
-    fingerprints, after checking that models, split, dataset and statistics belong together."""
+def _merge_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list, Any, Any, list[dict[str, Any]], Any]:
+    """What merging needs: device, dataset, split, base models, statistics, merge-slice batches, the models'
+    fingerprints and their class shares (same-task partitions), after checking that models, split, dataset and
+    statistics belong together."""
     from hetmerge.checkpoint import load_base_model
     from hetmerge.compatibility import check_models, check_sources, source_records
     from hetmerge.data import load_prepared, load_split
@@ -320,19 +396,22 @@ def _merge_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list, Any, An
     if getattr(args, "stats", None):
         stats, recorded = load_statistics(args.stats)
         check_sources(f"--stats {args.stats}", recorded, sources)
-    return device, ds, split, list(models), stats, _merge_batches(ds, split, args.batch_size, device), sources
+    batches = _merge_batches(ds, split, args.batch_size, device)
+    return device, ds, split, list(models), stats, batches, sources, _class_shares(split, metas, device)
 
 
 def cmd_precompute(args: argparse.Namespace) -> None:
     """An input some methods read, computed once per model list and seed (e.g. hetero's depth alignment)."""
-    from hetmerge.methods import PRECOMPUTE
+    from hetmerge.methods import PRECOMPUTE, MergeContext
     from hetmerge.provenance import provenance
 
     if args.name not in PRECOMPUTE:
         raise ValueError(f"nothing precomputes {args.name!r}; known: {sorted(PRECOMPUTE)}")
-    device, _, _, models, _, batches, _ = _merge_setup(args)
+    device, ds, split, models, _, batches, _, shares = _merge_setup(args)
+    labelled = _labelled_batches(ds, split, args.batch_size, device)
+    ctx = MergeContext(device=device, batches=batches, labelled=labelled, class_shares=shares)
     t0 = time.perf_counter()
-    record = PRECOMPUTE[args.name]([m.to(device).eval() for m in models], batches())
+    record = PRECOMPUTE[args.name]([m.to(device).eval() for m in models], ctx)
     record["seconds"] = round(time.perf_counter() - t0, 3)
     record["provenance"] = provenance(device)
     write_json(args.out, record)
@@ -350,7 +429,7 @@ def cmd_landscape(args: argparse.Namespace) -> None:
     from hetmerge.methods import build_method
     from hetmerge.provenance import provenance
 
-    device, ds, split, (a, b), _, batches, sources = _merge_setup(args)
+    device, ds, split, (a, b), _, batches, sources, _ = _merge_setup(args)
     merges = {}
     for key, path in zip(args.keys, args.merges, strict=True):
         merged, meta = load_model(path)
@@ -512,19 +591,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("split", help="draw class-disjoint tasks and a held-out merge slice")
+    p = sub.add_parser(
+        "split", help="draw class-disjoint tasks and a held-out merge slice, or N models' partitions of one task"
+    )
     p.add_argument("--data", required=True)
     p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--num-tasks", type=int, default=2)
-    p.add_argument("--merge-per-class", type=int, required=True)
-    p.add_argument("--train-per-task", type=_json, default=None, help="integer or null (all)")
-    p.add_argument("--test-per-task", type=_json, default=None, help="integer or null (all)")
+    p.add_argument(
+        "--kind",
+        default="class_disjoint",
+        choices=["class_disjoint", "full", "iid", "non_iid", "sharded"],
+        help="class_disjoint: one task per model; the others: N models of one task, each on its partition",
+    )
+    p.add_argument("--num-tasks", type=int, default=2, help="tasks (class_disjoint) or models (same-task kinds)")
+    p.add_argument("--merge-per-class", type=int, default=None, help="held-out merge images per class")
+    p.add_argument("--fusion-size", type=int, default=None, help="same-task: fusion images, from model A's data")
+    p.add_argument(
+        "--concentration", type=float, nargs=2, default=[1.0, 5.0], help="non_iid: Dirichlet alpha from LO to HI"
+    )
+    p.add_argument("--train-per-task", type=_json, default=None, help="integer or null (all) training images per task")
+    p.add_argument("--test-per-task", type=_json, default=None, help="integer or null (all) test images per task")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("train", help="train one model on one task (and evaluate it)")
     inputs(p)
     p.add_argument("--task", required=True)
+    p.add_argument("--partition", default=None, help="same-task split: train on this model's partition (A, B, ...)")
     p.add_argument("--model", type=_json, required=True, help='JSON: {"family": ..., "spec": {...}}')
     p.add_argument("--train", type=_json, default={}, help="JSON training settings")
     p.add_argument("--seed", type=int, required=True)

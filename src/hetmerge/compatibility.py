@@ -185,7 +185,8 @@ def file_sha256(path: PathLike) -> str:
     return digest.hexdigest()
 
 
-_TRAINING = ("dataset", "split_seed", "task", "seed")  # what a fingerprint keeps of a model's training record
+# what a fingerprint keeps of a model's training record
+_TRAINING = ("dataset", "split_seed", "task", "partition", "seed")
 
 
 def source_records(paths: Sequence[PathLike], metas: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

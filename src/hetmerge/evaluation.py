@@ -47,6 +47,7 @@ def accuracies(
     part: Part = "test",
     *,
     predictions: bool = False,
+    logits: bool = False,
 ) -> dict[str, Any]:
     """Task accuracy (argmax within the task's own head) and joint accuracy, on the test set or merge slice.
 
@@ -54,16 +55,21 @@ def accuracies(
     among all classes of all tasks; a model without a head for an image's task can only get it wrong.
     Task accuracy is None for tasks the model has no head for.
 
+    `f1` is the macro F1 of the joint answer over the classes that occur as a true or predicted class
+    (scikit-learn's `f1_score(average="macro", zero_division=0)`), which the same-task papers report.
+
     With `predictions`, also each image's top logit over all heads and whether the joint answer is right
     (`predictions: {score, correct}`, images in split order): enough to score an ensemble of such models
-    exactly, since its joint answer is the member with the highest top logit (the first on ties).
+    exactly, since its joint answer is the member with the highest top logit (the first on ties). With `logits`
+    as well, every image's logits over all classes and its true class (`logits`, `labels`, classes in the order of
+    the tasks' classes), which a same-task ensemble that weights its members per class needs.
     """
     images, labels, per_task = task_indices(data, split, part)
     order = [t.name for t in split.tasks]
     indices = torch.as_tensor([i for t in order for i in per_task[t]], dtype=torch.long)
     true_class = labels[indices]
-    logits = predict(model, images, indices, data, batch_size, device)
-    unknown = sorted(set(logits) - set(order))
+    outputs = predict(model, images, indices, data, batch_size, device)
+    unknown = sorted(set(outputs) - set(order))
     if unknown:
         raise ValueError(f"model answers tasks {unknown} that the split does not define ({order})")
     task_acc: dict[str, float | None] = {}
@@ -72,30 +78,44 @@ def accuracies(
         n = len(per_task[task.name])
         rows = slice(offset, offset + n)
         offset += n
-        if task.name not in logits:
+        if task.name not in outputs:
             task_acc[task.name] = None
             continue
-        head = logits[task.name]
+        head = outputs[task.name]
         if head.shape[1] != len(task.classes):
             raise ValueError(
                 f"head {task.name!r} has {head.shape[1]} outputs but the task has {len(task.classes)} classes"
             )
         local = torch.as_tensor(task.classes)[head[rows].argmax(1)]
         task_acc[task.name] = (local == true_class[rows]).float().mean().item()
-    present = [t for t in split.tasks if t.name in logits]
+    present = [t for t in split.tasks if t.name in outputs]
     joint_classes = torch.as_tensor([c for t in present for c in t.classes])
-    joint_pred = joint_classes[torch.cat([logits[t.name] for t in present], dim=1).argmax(1)]
+    joint_logits = torch.cat([outputs[t.name] for t in present], dim=1)
+    joint_pred = joint_classes[joint_logits.argmax(1)]
     scored = [a for a in task_acc.values() if a is not None]
     result: dict[str, Any] = {
         "joint": (joint_pred == true_class).float().mean().item(),
+        "f1": macro_f1(true_class, joint_pred),
         "tasks": task_acc,
         "task_avg": sum(scored) / len(scored) if len(scored) == len(task_acc) else None,
         "n_images": len(indices),
     }
     if predictions:
-        top = torch.cat([logits[t.name] for t in present], dim=1).max(1).values
+        top = joint_logits.max(1).values
         result["predictions"] = {"score": top.tolist(), "correct": (joint_pred == true_class).tolist()}
+        if logits:
+            result["predictions"].update(logits=joint_logits.tolist(), labels=true_class.tolist())
     return result
+
+
+def macro_f1(true: torch.Tensor, predicted: torch.Tensor) -> float:
+    """Mean over the classes seen (as truth or answer) of 2·TP / (2·TP + FP + FN); a class with no TP scores 0."""
+    classes, inverse = torch.unique(torch.cat([true, predicted]), return_inverse=True)
+    t, p = inverse[: len(true)], inverse[len(true) :]
+    n = len(classes)
+    tp = torch.bincount(t[t == p], minlength=n).double()
+    support = torch.bincount(t, minlength=n).double() + torch.bincount(p, minlength=n).double()
+    return float((2 * tp / support.clamp_min(1)).mean()) if n else 0.0
 
 
 def _macs(module: nn.Module, output: torch.Tensor) -> int:

@@ -34,6 +34,11 @@ LANDSCAPE_CODE = ("hetmerge.landscape", "hetmerge.evaluation")
 MERGE_CODE = ("hetmerge.evaluation",)
 
 
+CLASS_DISJOINT = "class_disjoint"
+"""The split setting of the ZipIt! family: one task per model, disjoint classes. The others (full, iid, non_iid,
+sharded) give N models one task over every class, each trained on its own partition of the data."""
+
+
 class ConfigError(ValueError):
     """The config asks for something that cannot run; the message names the key."""
 
@@ -97,18 +102,18 @@ class Planner:
     # --- resolving the config through the registries -------------------------------------------------------
     def _architectures(self) -> dict[str, dict[str, Any]]:
         from hetmerge.models import build_model
-        from hetmerge.params import as_dict, parse_params
+        from hetmerge.params import parse_params
         from hetmerge.training import TrainSettings
 
         resolved = {}
         for name, arch in self.config["architectures"].items():
             try:
-                net = build_model(arch["family"], arch["spec"], self.info.input_shape, {"A": 2})
+                build_model(arch["family"], arch["spec"], self.info.input_shape, {"A": 2})  # the spec is valid
                 merged = {**self.config.get("training", {}), **arch["train"]}
-                train = as_dict(parse_params(TrainSettings, merged, f"training settings of architecture {name!r}"))
+                train = parse_params(TrainSettings, merged, f"training settings of architecture {name!r}").describe()
             except ValueError as err:
                 raise ConfigError(f"config error in architectures.{name}: {err}") from err
-            resolved[name] = {"model": {"family": arch["family"], "spec": arch["spec"]}, "train": train, "net": net}
+            resolved[name] = {"model": {"family": arch["family"], "spec": arch["spec"]}, "train": train}
         return resolved
 
     def _row(self, key: str, entry: Mapping[str, Any]) -> Row:
@@ -127,7 +132,7 @@ class Planner:
             params=as_dict(method.params),
             analyses=tuple(method.analyses()),
             choice=None if choice is None else as_dict(choice),
-            precomputed=tuple(method.precomputed),
+            precomputed=method.precomputed_inputs(),
             uses_statistics=method.uses_statistics,
             scored_from_predictions=method.scored_from_predictions,
         )
@@ -142,10 +147,11 @@ class Planner:
         for arch in exp["models"]:
             if arch not in self.architectures:
                 raise ConfigError(f"experiments.{name}.models: unknown architecture {arch!r}")
+        nets = self._nets(exp)
         for key in exp["methods"]:
             if key not in self.rows:
                 raise ConfigError(f"experiments.{name}.methods: unknown method {key!r}")
-            self._check_merge(name, key, [self.architectures[a]["net"] for a in exp["models"]])
+            self._check_merge(name, key, nets)
         for key in exp["lambda_sweep"]:
             if key not in exp["methods"] or "lambda_curve" not in self.rows[key].analyses:
                 raise ConfigError(
@@ -164,6 +170,25 @@ class Planner:
                 raise ConfigError(
                     f"experiments.{name}.landscape: the plane needs exactly two models of one architecture"
                 )
+
+    def _nets(self, exp: Mapping[str, Any]) -> list[Any]:
+        """Fresh networks with the experiment's architectures and heads (one per task, or one over every class in a
+        same-task setting), for the methods' data-free checks."""
+        import numpy as np
+
+        from hetmerge.data.splits import SAME_TASK_NAME
+        from hetmerge.models import build_model
+
+        n = len(exp["models"])
+        if exp["setting"] == CLASS_DISJOINT:
+            sizes = [len(part) for part in np.array_split(np.arange(self.info.num_classes), n)]
+            heads = [{task: k} for task, k in zip(string.ascii_uppercase[:n], sizes, strict=True)]
+        else:
+            heads = [{SAME_TASK_NAME: self.info.num_classes}] * n
+        return [
+            build_model(**self.architectures[arch]["model"], input_shape=self.info.input_shape, heads=h)
+            for arch, h in zip(exp["models"], heads, strict=True)
+        ]
 
     def _check_merge(self, experiment: str, key: str, nets: Sequence[Any]) -> None:
         """The method's own check on freshly built models of the experiment's architectures: model counts,
@@ -189,22 +214,36 @@ class Planner:
     def data_path(self) -> str:
         return f"{self.results}/data/{self.dataset}.safetensors"
 
-    def split(self, ntasks: int, seed: int) -> str:
+    def split(self, ntasks: int, seed: int, setting: str = CLASS_DISJOINT, fusion_size: int | None = None) -> str:
+        """Class-disjoint tasks (`t<n>`), or `ntasks` models' partitions of one task (`<setting><n>`) with a fusion
+        set of `fusion_size` images (default: the config's)."""
         split = self.config["split"]
-        args = {
-            "seed": seed,
-            "num_tasks": ntasks,
-            "merge_per_class": split["merge_per_class"],
-            "train_per_task": split["train_per_task"],
-            "test_per_task": split["test_per_task"],
-        }
-        name = f"{self.dataset}/t{ntasks}-s{seed}-{digest(args, 6)}"
+        args: dict[str, Any] = {"seed": seed, "num_tasks": ntasks}
+        if setting == CLASS_DISJOINT:
+            args["merge_per_class"] = split["merge_per_class"]
+        else:
+            args.update(kind=setting, fusion_size=fusion_size or split["fusion_size"])
+            if setting == "non_iid":
+                args["concentration"] = split["concentration"]
+        args["train_per_task"] = split["train_per_task" if setting == CLASS_DISJOINT else "train_total"]
+        args["test_per_task"] = split["test_per_task"]
+        prefix = "t" if setting == CLASS_DISJOINT else setting
+        name = f"{self.dataset}/{prefix}{ntasks}-s{seed}-{digest(args, 6)}"
         self.jobs["split"].setdefault(name, {"args": args, "code": self.code["split"]})
         return f"{self.results}/splits/{name}.json"
 
-    def model(self, ntasks: int, seed: int, arch: str, task: str) -> str:
-        """A base model: trained on task `task` of the split; its result JSON lies next to it."""
-        split = self.split(ntasks, seed)
+    def model(
+        self,
+        ntasks: int,
+        seed: int,
+        arch: str,
+        task: str,
+        setting: str = CLASS_DISJOINT,
+        fusion_size: int | None = None,
+    ) -> str:
+        """A base model: trained on task `task` of the split, or on partition `task` of a same-task split (its
+        one head then has every class); its result JSON lies next to it."""
+        split = self.split(ntasks, seed, setting, fusion_size)
         resolved = self.architectures[arch]
         args = {
             "model": resolved["model"],
@@ -213,22 +252,31 @@ class Planner:
             "task": task,
             "eval_batch_size": self.compute["eval_batch_size"],
         }
+        if setting != CLASS_DISJOINT:
+            from hetmerge.data.splits import SAME_TASK_NAME
+
+            args.update(task=SAME_TASK_NAME, partition=task)
         split_key = split.removeprefix(f"{self.results}/splits/").removesuffix(".json")
         name = f"{split_key}/{arch}-{task}-{digest(args, 6)}"
         self.jobs["train"].setdefault(name, {"split": split, "args": args, "code": self.code["train"]})
         return f"{self.results}/models/{name}.safetensors"
 
     def models(self, experiment: str, seed: int) -> list[str]:
-        archs = self.config["experiments"][experiment]["models"]
-        tasks = string.ascii_uppercase[: len(archs)]
-        return [self.model(len(archs), seed, arch, task) for arch, task in zip(archs, tasks, strict=True)]
+        exp = self.config["experiments"][experiment]
+        tasks = string.ascii_uppercase[: len(exp["models"])]
+        n = len(exp["models"])
+        setting, fusion = exp["setting"], exp.get("fusion_size")
+        return [
+            self.model(n, seed, arch, task, setting, fusion) for arch, task in zip(exp["models"], tasks, strict=True)
+        ]
 
     def _folder(self, experiment: str, seed: int) -> tuple[str, list[str], str]:
         """The folder of everything computed from one ordered list of models: readable, plus their hash."""
         models = self.models(experiment, seed)
-        archs = self.config["experiments"][experiment]["models"]
+        exp = self.config["experiments"][experiment]
+        archs = exp["models"]
         folder = f"{self.dataset}/s{seed}/{'+'.join(archs)}-{digest(models, 6)}"
-        return folder, models, self.split(len(archs), seed)
+        return folder, models, self.split(len(archs), seed, exp["setting"], exp.get("fusion_size"))
 
     def statistics(self, experiment: str, seed: int) -> str:
         folder, models, split = self._folder(experiment, seed)
@@ -328,8 +376,10 @@ class Planner:
         seeds = self.config["split"]["seeds"]
         archs = exp["models"]
         rows: list[dict[str, Any]] = []
+        setting, fusion = exp["setting"], exp.get("fusion_size")
         for i, task in enumerate(string.ascii_uppercase[: len(archs)]):
-            results = {str(s): self._input(_result(self.model(len(archs), s, archs[i], task))) for s in seeds}
+            paths = {str(s): self.model(len(archs), s, archs[i], task, setting, fusion) for s in seeds}
+            results = {s: self._input(_result(path)) for s, path in paths.items()}
             rows.append({"key": f"model_{task.lower()}", "label": f"Model {task}", "kind": "base", "results": results})
         for key in exp["methods"]:
             row = self.rows[key]
@@ -369,6 +419,8 @@ class Planner:
             "label": self.experiment_label(name),
             "layout": exp["table"],
             "group": exp.get("group", name),
+            "setting": setting,
+            "n_models": len(archs),
             "models": list(archs),
             "model_labels": [self.config["architectures"][a].get("label", a) for a in archs],
             "rows": rows,

@@ -37,7 +37,10 @@ class FeatureSpace:
     """A feature space of one model: its width, who writes it, who reads it, where to observe it.
 
     `observe` names the module whose forward output carries this space's activations, with units on
-    dimension `unit_dim` (1 for the channels of an NCHW map or an NC matrix, -1 for (B, tokens, D)).
+    dimension `unit_dim` (1 for the channels of an NCHW map or an NC matrix, -1 for (B, tokens, D)). `act`
+    names the nonlinearity that produced them, whose input is the space's pre-activation (None: the observed
+    tensor went through none, e.g. a residual stream or an attention head, so pre- and post-activation agree);
+    see `hetmerge.observe` for the observation points.
     `groups` > 1 says units come in contiguous groups (attention heads, GroupNorm groups) that a merge
     must keep whole. Grouped spaces with the same `link` must pair their groups identically: an attention
     head's query/key space and its value/output space belong to one head and travel together.
@@ -51,6 +54,7 @@ class FeatureSpace:
     groups: int = 1
     unit_dim: int = 1
     link: str | None = None
+    act: str | None = None
 
     def axes(self) -> tuple[AxisRef, ...]:
         return self.producers + self.consumers

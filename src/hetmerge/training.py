@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from hetmerge.checkpoint import CheckpointError, load_tensors, save_tensors
 from hetmerge.data import ImageDataset, Task, TaskSplit, iterate_batches, make_label_map
+from hetmerge.data.batches import cutmix
 from hetmerge.models import MultiTaskNet
 from hetmerge.params import Range, as_dict
 
@@ -28,7 +30,14 @@ _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """SGD with linear warm-up then linear decay to zero per step, as in the ZipIt!/MuDSC training code.
+    """SGD with linear warm-up then linear decay to zero per step, as in the ZipIt!/MuDSC training code, by default.
+
+    The recipe options reproduce the Neuron Interpolation paper's training (algorithms.md §5.3): `optimizer`
+    adam (torch's Adam with `beta1`/`beta2`, weight decay as its L2 term; `momentum` is SGD's only, the betas
+    Adam's only), `schedule` cosine (the same warm-up, then a half cosine from lr to `min_lr`; the linear
+    schedule decays to `min_lr` too), `autoaugment` (CIFAR-10 policy, drawn per image, after the crop and flip
+    of `augment`) and `cutmix` (the Beta concentration of CutMix on every batch; 0 = off). At their defaults
+    they change nothing, and `describe` leaves them out, so earlier settings keep their fingerprints.
 
     `precision` is the autocast dtype of the forward pass and the loss (fp16 adds a gradient scaler);
     `auto` is bf16 on a CUDA device with native bf16 and fp32 elsewhere, so default CPU runs stay
@@ -46,15 +55,46 @@ class TrainSettings:
     label_smoothing: Annotated[float, Range(0, 1)] = 0.0
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    beta1: Annotated[float, Range(0, 1, open_high=True)] = 0.9
+    beta2: Annotated[float, Range(0, 1, open_high=True)] = 0.999
+    schedule: Literal["linear", "cosine"] = "linear"
+    min_lr: Annotated[float, Range(0)] = 0.0
+    autoaugment: bool = False
+    cutmix: Annotated[float, Range(0)] = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """`as_dict`, less the recipe options at their defaults: the training fingerprints and the pipeline's
+        model paths hashed from it stay what they were before those options existed."""
+        return {k: v for k, v in as_dict(self).items() if k not in _RECIPE_DEFAULTS or v != _RECIPE_DEFAULTS[k]}
+
+
+_RECIPE_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(TrainSettings)
+    if f.name in ("optimizer", "beta1", "beta2", "schedule", "min_lr", "autoaugment", "cutmix")
+}
 
 
 def lr_at(step: int, steps_per_epoch: int, settings: TrainSettings) -> float:
-    """Piecewise-linear schedule: 0 → lr over the warm-up, then lr → 0 at the last step."""
+    """Linear warm-up 0 → lr, then lr → min_lr at the last step, linearly or along a half cosine."""
     total = settings.epochs * steps_per_epoch
     warmup = settings.warmup_epochs * steps_per_epoch
     if step < warmup:
         return settings.lr * step / warmup
-    return settings.lr * max(0.0, (total - step) / max(1.0, total - warmup))
+    if settings.schedule == "cosine":
+        left = 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1.0, total - warmup))))
+    else:
+        left = max(0.0, (total - step) / max(1.0, total - warmup))
+    return settings.min_lr + (settings.lr - settings.min_lr) * left  # with min_lr 0, exactly lr * left
+
+
+def make_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    """The optimizer of `settings`: Adam as in the paper's torch code (L2 weight decay), or SGD with momentum."""
+    if settings.optimizer == "adam":
+        betas = (settings.beta1, settings.beta2)
+        return torch.optim.Adam(params, lr=settings.lr, betas=betas, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
 
 
 def _autocast_runs(device: torch.device, dtype: torch.dtype) -> bool:
@@ -111,7 +151,7 @@ def make_deterministic(seed: int, device: torch.device) -> None:
 def _run_identity(model: MultiTaskNet, task: str, settings: TrainSettings, seed: int, n_train: int) -> dict[str, Any]:
     """What a resume state must have been written for: the model, task, settings, seed and data size, as JSON
     gives it back from the state's metadata (lists, not tuples), so the two compare key by key."""
-    run = {"model": model.describe(), "task": task, "train": as_dict(settings), "seed": seed, "n": n_train}
+    run = {"model": model.describe(), "task": task, "train": settings.describe(), "seed": seed, "n": n_train}
     return json.loads(json.dumps(run))
 
 
@@ -140,13 +180,27 @@ def _mismatch(saved: dict[str, Any], run: dict[str, Any]) -> str:
     return "; ".join(parts) or "another run"
 
 
-def _optimizer_state(optimizer: torch.optim.SGD, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+def _optimizer_state(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter tensors: SGD's momentum buffer as `optimizer.{i}` (the key of states written
+    before Adam existed), any other (Adam's exp_avg, exp_avg_sq, step) as `optimizer.{i}.{name}`."""
     state = {}
     for i, p in enumerate(params):
-        buf = optimizer.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            state[f"optimizer.{i}"] = buf
+        for name, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                state[f"optimizer.{i}" if name == "momentum_buffer" else f"optimizer.{i}.{name}"] = value
     return state
+
+
+def _load_optimizer_state(
+    optimizer: torch.optim.Optimizer, params: list[nn.Parameter], state: dict[str, torch.Tensor]
+) -> None:
+    """Put back what `_optimizer_state` saved, on each parameter's device; Adam's step stays a CPU scalar, as
+    Adam keeps it."""
+    for key, value in state.items():
+        if key.startswith("optimizer."):
+            index, _, name = key.removeprefix("optimizer.").partition(".")
+            p = params[int(index)]
+            optimizer.state[p][name or "momentum_buffer"] = value if name == "step" else value.to(p.device)
 
 
 def _task_data(
@@ -170,8 +224,10 @@ def train_model(
     seed: int,
     device: torch.device,
     resume_path: Path | None = None,
+    partition: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Train `model`'s head for `task` (and its body) on that task's training indices.
+    """Train `model`'s head for `task` (and its body) on that task's training indices, or on the training
+    partition `partition` of a same-task split (one model's share of the data, e.g. "B").
 
     With `resume_path`, the full training state is written there atomically after every epoch and
     picked up again on restart, provided the run's fingerprint (model, task, settings, seed, data) matches;
@@ -182,8 +238,14 @@ def train_model(
     if task not in model.heads:
         raise ValueError(f"model has no head for task {task!r} (heads: {list(model.heads)})")
     task_info = split.task(task)
-    indices = torch.as_tensor(split.train_indices[task], dtype=torch.long)
+    if partition is None:
+        indices = torch.as_tensor(split.train_indices[task], dtype=torch.long)
+    elif partition in split.partitions:
+        indices = torch.as_tensor(split.partitions[partition], dtype=torch.long)
+    else:
+        raise ValueError(f"the split has no training partition {partition!r}; it has {sorted(split.partitions)}")
     images, labels = _task_data(data, indices, task_info, device)
+    num_classes = len(task_info.classes)
     positions = torch.arange(len(indices), device=device)  # into `images`: shuffled as `indices` were before
     precision = resolve_precision(settings.precision, device)
     channels_last = resolve_channels_last(settings.channels_last, model, device)
@@ -191,7 +253,9 @@ def train_model(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    if settings.min_lr > settings.lr:
+        raise ValueError(f"training settings: min_lr {settings.min_lr} is above lr {settings.lr}; the schedule decays")
+    optimizer = make_optimizer(params, settings)
     generator = torch.Generator().manual_seed(seed)
     criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     autocast = torch.autocast(device.type, dtype=_HALF[precision]) if precision in _HALF else contextlib.nullcontext()
@@ -216,9 +280,7 @@ def train_model(
                 )
             else:
                 model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
-                for i, p in enumerate(params):
-                    if f"optimizer.{i}" in state:
-                        optimizer.state[p]["momentum_buffer"] = state[f"optimizer.{i}"].to(device)
+                _load_optimizer_state(optimizer, params, state)
                 generator.set_state(state["generator"])
                 if "grad_scaler" in meta:
                     scaler.load_state_dict(meta["grad_scaler"])
@@ -240,6 +302,7 @@ def train_model(
             data.std,
             generator=generator,
             augment=settings.augment,
+            autoaugment=settings.autoaugment,
             hflip=data.hflip,
             drop_last=True,
             device=device,
@@ -256,11 +319,14 @@ def train_model(
             lr = lr_at(epoch * steps_per_epoch + step_in_epoch, steps_per_epoch, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            target = y
+            if settings.cutmix > 0:  # soft targets; y becomes each image's dominant label, for the accuracy
+                x, target, y = cutmix(x, y, num_classes, settings.cutmix, generator)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
                 logits = head(model.body(x))
-                loss = criterion(logits, y)
+                loss = criterion(logits, target)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

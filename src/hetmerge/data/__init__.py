@@ -13,16 +13,21 @@ from hetmerge.data.datasets import (
     save_prepared,
 )
 from hetmerge.data.splits import (
+    SAME_TASK_KINDS,
+    SAME_TASK_NAME,
     SPLIT_KINDS,
     Task,
     TaskSplit,
     load_split,
     make_class_disjoint_split,
+    make_same_task_split,
     save_split,
 )
 
 __all__ = [
     "DATASETS",
+    "SAME_TASK_KINDS",
+    "SAME_TASK_NAME",
     "SPLIT_KINDS",
     "DatasetCorruptError",
     "DatasetInfo",
@@ -37,6 +42,7 @@ __all__ = [
     "load_split",
     "make_class_disjoint_split",
     "make_label_map",
+    "make_same_task_split",
     "normalize",
     "save_prepared",
     "save_split",

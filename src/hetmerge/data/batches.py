@@ -8,7 +8,10 @@ training run is reproduced exactly by reseeding it.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +73,98 @@ def _random_crop_flip(
     return picked.permute(0, 3, 1, 2)  # advanced indexing puts the (n, h, w) index dims first
 
 
+AUTOAUGMENT_FILL = 128
+"""Pixel value that AutoAugment's geometric ops fill uncovered areas with: the paper's grey (torchvision: 0)."""
+
+
+@functools.cache
+def _cifar10_autoaugment() -> tuple[Any, list[tuple[str, int | None]], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchvision's AutoAugment with the CIFAR-10 policy, whose policy table and op implementations are reused,
+    and that table as tensors: the distinct (op, magnitude index) variants, each sub-policy's two variant ids and
+    probabilities, and whether each variant's magnitude takes a random sign.
+
+    Built on first use, since importing torchvision.transforms costs seconds.
+    """
+    from torchvision.transforms.v2 import AutoAugment, AutoAugmentPolicy
+
+    aa = AutoAugment(AutoAugmentPolicy.CIFAR10, fill=AUTOAUGMENT_FILL)
+    variants: dict[tuple[str, int | None], int] = {}
+    op_ids = torch.tensor([[variants.setdefault((op, m), len(variants)) for op, _, m in pol] for pol in aa._policies])
+    probabilities = torch.tensor([[p for _, p, _ in pol] for pol in aa._policies], dtype=torch.float64)
+    signed = torch.tensor([aa._AUGMENTATION_SPACE[op][1] and m is not None for op, m in variants])
+    return aa, list(variants), op_ids, probabilities, signed
+
+
+def auto_augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """AutoAugment (CIFAR-10 policy) of a uint8 (N, C, H, W) batch, a sub-policy drawn per image.
+
+    torchvision's `AutoAugment` draws from the global RNG and applies one sub-policy to whatever tensor it is
+    given, so on a batch every image would get the same ops. Here every draw of its `forward` (sub-policy,
+    whether each of its two ops applies, the sign of a signed magnitude) is made per image from `generator`
+    (the global RNG is untouched), and torchvision's own op implementation then runs once per distinct
+    (op, magnitude, sign) on the images that drew it: a loop over the variants drawn, never over images.
+    """
+    aa, variants, op_ids, probabilities, signed = _cifar10_autoaugment()
+    n, h, w = batch.shape[0], batch.shape[-2], batch.shape[-1]
+    chosen = torch.randint(len(op_ids), (n,), generator=generator)
+    applies = torch.rand(n, 2, generator=generator, dtype=torch.float64) <= probabilities[chosen]
+    negative = torch.rand(n, 2, generator=generator) < 0.5
+    out = batch.clone()
+    for slot in range(2):  # the sub-policy's ops in order, as torchvision applies them
+        op = op_ids[chosen, slot]
+        key = torch.where(applies[:, slot], 2 * op + (negative[:, slot] & signed[op]), -1)
+        for k in torch.unique(key[key >= 0]).tolist():
+            name, magnitude_index = variants[k // 2]
+            magnitudes = aa._AUGMENTATION_SPACE[name][0](10, h, w)
+            magnitude = 0.0 if magnitudes is None else float(magnitudes[magnitude_index]) * (-1 if k % 2 else 1)
+            rows = (key == k).nonzero().squeeze(1).to(batch.device)
+            out[rows] = aa._apply_image_or_video_transform(
+                out[rows], name, magnitude, interpolation=aa.interpolation, fill=aa._fill
+            )
+    return out
+
+
+def cutmix_box(lam: float, centre_x: int, centre_y: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The (x1, y1, x2, y2) box of torchvision's CutMix: side sqrt(1 - lam) of the image's, centred at the
+    drawn point and clipped to the image."""
+    r = 0.5 * math.sqrt(1.0 - lam)
+    half_w, half_h = int(r * width), int(r * height)
+    return (
+        max(centre_x - half_w, 0),
+        max(centre_y - half_h, 0),
+        min(centre_x + half_w, width),
+        min(centre_y + half_h, height),
+    )
+
+
+def cutmix(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CutMix of a batch as torchvision.transforms.v2.CutMix does it, with every draw from `generator`.
+
+    One lam ~ Beta(alpha, alpha) and one box per batch; each image gets the box from its predecessor in the
+    batch (roll by one: the batch order is already random). Returns the mixed images, the soft targets
+    (lam' one-hot own label + (1 - lam') one-hot neighbour's, lam' = 1 - box area / image area) and the
+    dominant label of each image (its own where lam' >= 1/2), against which training accuracy is counted.
+    Beta is sampled by inverting its CDF at one uniform draw, since torch's Beta takes no generator.
+    """
+    if alpha <= 0:
+        raise ValueError(f"cutmix needs a Beta concentration alpha > 0, got {alpha}")
+    from scipy.special import betaincinv  # here: scipy costs start-up time that most jobs never need
+
+    h, w = images.shape[-2:]
+    lam = float(betaincinv(alpha, alpha, torch.rand((), generator=generator, dtype=torch.float64).item()))
+    centre_x = int(torch.randint(w, (), generator=generator))
+    centre_y = int(torch.randint(h, (), generator=generator))
+    x1, y1, x2, y2 = cutmix_box(lam, centre_x, centre_y, h, w)
+    kept = 1.0 - (x2 - x1) * (y2 - y1) / (w * h)
+    mixed = images.clone()
+    mixed[..., y1:y2, x1:x2] = images.roll(1, 0)[..., y1:y2, x1:x2]
+    own = F.one_hot(labels, num_classes).float()
+    targets = own.roll(1, 0).mul_(1.0 - kept).add_(own.mul(kept))
+    return mixed, targets, labels if kept >= 0.5 else labels.roll(1, 0)
+
+
 def iterate_batches(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -80,6 +175,7 @@ def iterate_batches(
     *,
     generator: torch.Generator | None = None,
     augment: bool = False,
+    autoaugment: bool = False,
     hflip: bool = False,
     drop_last: bool = False,
     device: torch.device | str = "cpu",
@@ -91,14 +187,16 @@ def iterate_batches(
     With a `generator` the indices are reshuffled on every call (one `randperm` per epoch); without one
     their order is kept, as evaluation needs. `augment` applies a random crop of the original size from
     the image zero-padded by `padding` pixels (padding is black in raw pixel space, as torchvision's
-    RandomCrop does before normalisation) and, if `hflip`, a random horizontal flip; it needs a generator
+    RandomCrop does before normalisation) and, if `hflip`, a random horizontal flip; `autoaugment` then applies
+    `auto_augment` to the uint8 batch, as the paper's transforms do after crop and flip. Both need a generator
     so that training stays reproducible. `label_map` (see `make_label_map`) turns original class ids into
     a task's local labels; an example of a class outside the task is an error rather than a silent -1.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if augment and generator is None:
-        raise ValueError("augment=True needs a generator, so that the augmentation is reproducible")
+    for flag, on in (("augment", augment), ("autoaugment", autoaugment)):
+        if on and generator is None:
+            raise ValueError(f"{flag}=True needs a generator, so that the augmentation is reproducible")
     if padding < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
     if images.dtype != torch.uint8 or images.dim() != 4:
@@ -120,4 +218,6 @@ def iterate_batches(
         x = images[batch_indices].to(device)
         if augment:
             x = _random_crop_flip(x, padding, hflip, generator)
+        if autoaugment:
+            x = auto_augment(x, generator)
         yield normalize(x, mean_t, std_t), y.to(device)

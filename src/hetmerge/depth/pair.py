@@ -9,13 +9,17 @@ exactly (float64 CKA values, integer positions), so a merge from the stored reco
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hetmerge.depth.alignment import STRATEGIES, DepthAlignment, align_depths
 from hetmerge.depth.cka import layer_cka
 from hetmerge.models.base import MultiTaskNet
+from hetmerge.precompute import register_precompute
+
+if TYPE_CHECKING:
+    from hetmerge.methods.base import MergeContext
 
 
 def deepest_model(models: Sequence[MultiTaskNet]) -> tuple[int, list[list[int]]]:
@@ -86,3 +90,11 @@ def alignment_from_record(record: Mapping[str, Any], strategy: str) -> DepthAlig
         tuple(tuple(int(p) for p in stage) for stage in entry["positions"]),
         entry["score"],
     )
+
+
+def alignment_input(models: Sequence[MultiTaskNet], ctx: MergeContext) -> dict[str, Any]:
+    """The precomputed input "alignment": `depth_alignment` over the merge slice's images."""
+    return depth_alignment(models, ctx.require_batches("the depth alignment")())
+
+
+register_precompute("alignment", alignment_input)

@@ -1,6 +1,19 @@
 """The merge-method registry. Importing this package registers every built-in method."""
 
-from hetmerge.methods import average, ensemble, hetero, mudsc, permute, weight_matching, zipit
+from hetmerge.methods import (
+    average,
+    ensemble,
+    hetero,
+    hf,
+    kf,
+    kf_gradient,
+    last_layer_kd,
+    mudsc,
+    otfusion,
+    permute,
+    weight_matching,
+    zipit,
+)
 from hetmerge.methods.base import (
     ANALYSES,
     PRECOMPUTE,
@@ -34,7 +47,12 @@ __all__ = [
     "ensemble",
     "first_best",
     "hetero",
+    "hf",
+    "kf",
+    "kf_gradient",
+    "last_layer_kd",
     "mudsc",
+    "otfusion",
     "permute",
     "register",
     "register_precompute",

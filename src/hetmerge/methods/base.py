@@ -28,25 +28,15 @@ from hetmerge.compatibility import first_names, nonfinite
 from hetmerge.merged import MergedModel
 from hetmerge.models import MultiTaskNet
 from hetmerge.params import ParameterError, parse_params
+from hetmerge.precompute import PRECOMPUTE
+from hetmerge.precompute import Precompute as Precompute  # re-exported for the methods' registrations
+from hetmerge.precompute import register_precompute as register_precompute
 from hetmerge.statistics import SpaceStats, collect_statistics
 
 ANALYSES: tuple[str, ...] = ("partial_zip", "lambda_curve", "landscape", "alignment")
 """What a configured method can offer the report: the accuracy of a partial zip against its cut, the curve of a
 parameter it chooses (its merge-slice and test scores at every value), the loss landscape on the plane through
 model A, model B and the merge (one fully merged network in their weight space), the depth-alignment figure."""
-
-Precompute = Callable[[Sequence[MultiTaskNet], Iterable[torch.Tensor]], dict[str, Any]]
-"""Computes an input once per (model pair, seed) from the models (on the device, in eval mode) and one pass
-over the merge slice's images; returns a JSON-ready record that `MergeContext.precomputed` passes back."""
-
-PRECOMPUTE: dict[str, Precompute] = {}
-
-
-def register_precompute(name: str, compute: Precompute) -> None:
-    """Name the function that computes the precomputed input `name` (methods declare it in `precomputed`)."""
-    if name in PRECOMPUTE:
-        raise ValueError(f"precomputed input {name!r} registered twice")
-    PRECOMPUTE[name] = compute
 
 
 class MergeError(ValueError):
@@ -102,14 +92,19 @@ class MergeContext:
     """What a method may use besides the models: the merge slice (never the test set) and a device.
 
     `batches()` starts a fresh pass over the merge slice's input images. `score(model)` is a candidate's
-    joint accuracy on the labelled merge slice, for methods that choose a hyperparameter. Methods record
-    what they chose, and why, in `notes`; the merge's metadata keeps it. `precomputed` holds the inputs the
-    method declares in `MergeMethod.precomputed`, as their `PRECOMPUTE` function returned them (a method
+    joint accuracy on the labelled merge slice, for methods that choose a hyperparameter. `labelled()` starts a
+    pass over the merge slice's (image, label) pairs, the label being the class index in the models' one head:
+    same-task fusion methods use it (neuron importance, distillation). `class_shares[k, c]` is model k's share of
+    class c's training data (each column sums to 1), where the models were trained on partitions of one task.
+    Methods record what they chose, and why, in `notes`; the merge's metadata keeps it. `precomputed` holds the
+    inputs the method declares in `MergeMethod.precomputed`, as their `PRECOMPUTE` function returned them (a method
     computes what is missing itself).
     """
 
     device: torch.device
     batches: Callable[[], Iterable[torch.Tensor]] | None = None
+    labelled: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    class_shares: torch.Tensor | None = None
     seed: int = 0
     stats: dict[str, SpaceStats] | None = None
     score: Callable[[MergedModel], float] | None = None
@@ -138,6 +133,14 @@ class MergeContext:
             raise MergeError(f"{why} needs data from the merge slice, but no data was given")
         return self.batches
 
+    def require_labelled(self, why: str) -> Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]:
+        if self.labelled is None:
+            raise MergeError(
+                f"{why} needs the labels of the fusion data (images with their classes), but only unlabelled images "
+                "or no data were given"
+            )
+        return self.labelled
+
 
 class MergeMethod(abc.ABC):
     name: ClassVar[str]
@@ -147,8 +150,9 @@ class MergeMethod(abc.ABC):
     max_models: ClassVar[int | None] = None
     uses_statistics: ClassVar[bool] = False  # the pipeline then feeds it the statistics stage's output
     offers: ClassVar[tuple[str, ...]] = ("landscape",)  # analyses (of ANALYSES) whatever the parameters
-    precomputed: ClassVar[tuple[str, ...]] = ()  # inputs (names in PRECOMPUTE) it reads from ctx.precomputed
+    precomputed: ClassVar[tuple[str, ...]] = ()  # inputs (names in PRECOMPUTE) it always reads from ctx.precomputed
     scored_from_predictions: ClassVar[bool] = False  # scored from its members' stored test predictions, not merged
+    same_task: ClassVar[bool] = False  # fuses models of one task over one label space (require_same_task)
 
     def __init__(self, params: MethodParams) -> None:
         self.params = params
@@ -158,6 +162,11 @@ class MergeMethod(abc.ABC):
         curve, plus what the class `offers` (by default the landscape: the merge is one fully merged network)."""
         curve = ("lambda_curve",) if self.choice() is not None else ()
         return (*curve, *self.offers)
+
+    def precomputed_inputs(self) -> tuple[str, ...]:
+        """The precomputed inputs (names in PRECOMPUTE) this configured method reads: the class's `precomputed`, plus
+        what its parameters ask for (e.g. the neuron importances of its `importance`)."""
+        return self.precomputed
 
     def choice(self) -> Choice | None:
         """The parameter this configured method chooses on the merge slice, and from which values; None if none."""
@@ -179,6 +188,8 @@ class MergeMethod(abc.ABC):
                 counts = f"{self.min_models} to {self.max_models}"
             raise MergeError(f"method {self.name!r} merges {counts} models, but got {n}")
         require_same_inputs_and_heads(self.name, models)
+        if self.same_task:
+            require_same_task(self.name, models)
         risk = self.risk(models)
         if risk is not None:
             warnings.warn(risk, self.risk_warning, stacklevel=3)
@@ -195,10 +206,11 @@ class MergeMethod(abc.ABC):
 
     def __call__(self, models: Sequence[MultiTaskNet], ctx: MergeContext) -> MergedModel:
         self.check(models)
-        unknown = sorted(set(ctx.precomputed) - set(self.precomputed))
+        unknown = sorted(set(ctx.precomputed) - set(self.precomputed_inputs()))
         if unknown:
             raise MergeError(
-                f"method {self.name!r} reads no precomputed input(s) {unknown}; it reads {list(self.precomputed)}"
+                f"method {self.name!r} reads no precomputed input(s) {unknown}; it reads "
+                f"{list(self.precomputed_inputs())}"
             )
         models = [m.to(ctx.device).eval() for m in models]
         for i, model in enumerate(models):
@@ -244,6 +256,18 @@ def require_same_inputs_and_heads(method: str, models: Sequence[MultiTaskNet]) -
                     f"method {method!r}: head {task!r} has {n} classes in model {first} but {head.out_features} in "
                     f"model {i}; models sharing a task head must be trained on the same classes of that task"
                 )
+
+
+def require_same_task(method: str, models: Sequence[MultiTaskNet]) -> str:
+    """Same-task fusion needs one label space: every model has exactly one head, of one name and class count.
+    Returns that head's name."""
+    heads = [dict(m.describe()["heads"]) for m in models]
+    if len(heads[0]) != 1 or any(h != heads[0] for h in heads[1:]):
+        raise MergeError(
+            f"method {method!r} fuses models of one task over one label space (one head, the same classes), but the "
+            f"models' heads are {heads}: models trained on different label spaces need a multi-task method (zipit)"
+        )
+    return next(iter(heads[0]))
 
 
 def require_same_architecture(method: str, models: Sequence[MultiTaskNet]) -> None:
@@ -303,4 +327,8 @@ def build_method(name: str, params: Mapping[str, Any] | None = None) -> MergeMet
     if name not in REGISTRY:
         raise ParameterError(f"unknown merge method {name!r}; available methods: {sorted(REGISTRY)}")
     cls = REGISTRY[name]
-    return cls(parse_params(cls.Params, params, f"method {name!r}"))
+    method = cls(parse_params(cls.Params, params, f"method {name!r}"))
+    missing = [p for p in method.precomputed_inputs() if p not in PRECOMPUTE]
+    if missing:
+        raise ParameterError(f"method {name!r} reads precomputed inputs {missing} that nothing computes")
+    return method

@@ -31,7 +31,6 @@ from hetmerge.methods.base import (
     MergeMethod,
     MethodParams,
     register,
-    register_precompute,
 )
 from hetmerge.methods.spacewise import assemble, target_architecture
 from hetmerge.models import MultiTaskNet
@@ -66,9 +65,6 @@ def _check_record(record: Mapping[str, Any], deep: int, depths: list[list[int]])
             f"method 'hetero': the precomputed alignment is not of these models: {'; '.join(differ)}; compute it "
             "again for this pair"
         )
-
-
-register_precompute("alignment", depth_alignment)
 
 
 @register

@@ -42,6 +42,6 @@ class MLP(MultiTaskNet):
             if self.spec.batch_norm:
                 producers += norm_producer(f"{unit}.norm")
             consumers = (consumer(f"body.fc{i + 1}.linear"),) if i + 1 < n else head_consumers
-            spaces.append(FeatureSpace(f"fc{i}", width, producers, consumers, observe=unit))
+            spaces.append(FeatureSpace(f"fc{i}", width, producers, consumers, observe=unit, act=f"{unit}.act"))
         cuts = (None, None, *(f"fc{i}" for i in range(n)))
         return SpaceGraph(tuple(spaces), cuts)

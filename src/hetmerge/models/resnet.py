@@ -107,13 +107,15 @@ class ResNet(MultiTaskNet):
         stream["producers"] += norm_producer("body.stem.norm", stats)
         stream_consumers: list[AxisRef] = []
         stream_width = self.body.stem.conv.out_channels
-        observe = "body.stem"
+        observe, act = "body.stem", "body.stem.act"
         spaces: list[FeatureSpace] = []
         cuts: list[str | None] = [None, "stage1"]
 
         def close_stream(consumers: tuple[AxisRef, ...]) -> None:
             producers = tuple(stream["producers"])
-            spaces.append(FeatureSpace(stream["name"], stream_width, producers, consumers, observe, groups=groups))
+            spaces.append(
+                FeatureSpace(stream["name"], stream_width, producers, consumers, observe, groups=groups, act=act)
+            )
 
         for name, block in self.body.named_children():
             if not isinstance(block, BasicBlock):
@@ -130,7 +132,7 @@ class ResNet(MultiTaskNet):
                 stream_consumers.append(consumer(f"{unit}.conv1"))
             stream["producers"] += linear_producer(f"{unit}.conv2", bias=False)
             stream["producers"] += norm_producer(f"{unit}.bn2", stats)
-            observe = unit
+            observe, act = unit, f"{unit}.act2"
             inner = linear_producer(f"{unit}.conv1", bias=False) + norm_producer(f"{unit}.bn1", stats)
             spaces.append(
                 FeatureSpace(
@@ -140,6 +142,7 @@ class ResNet(MultiTaskNet):
                     (consumer(f"{unit}.conv2"),),
                     f"{unit}.act1",
                     groups=groups,
+                    act=f"{unit}.act1",
                 )
             )
             cuts.append(stream["name"])

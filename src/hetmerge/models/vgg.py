@@ -140,7 +140,7 @@ class VGG(MultiTaskNet):
                 producers += norm_producer(f"{unit}.norm")
             consumers = (consumer(f"body.{convs[i + 1]}.conv"),) if i + 1 < len(convs) else head_consumers
             width = self.body.get_submodule(name).conv.out_channels
-            spaces.append(FeatureSpace(name, width, producers, consumers, observe=unit))
+            spaces.append(FeatureSpace(name, width, producers, consumers, observe=unit, act=f"{unit}.act"))
         cuts: list[str | None] = [None]
         for name in names:
             cuts.append(name if name.startswith("conv") else cuts[-1])

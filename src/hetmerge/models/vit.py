@@ -1,5 +1,9 @@
 """A small pre-norm Vision Transformer, the attention architecture of MuDSC's head-aware merging.
 
+Two options give the Neuron Interpolation paper's ViT (algorithms.md §5.2): `mlp_out_act` (a GELU after the MLP's
+second linear too) and `attn_scale="width"` (scores divided by √width instead of √head_dim). Their defaults keep
+the standard block and leave the fields out of `describe()`, so existing checkpoints and fingerprints stay valid.
+
 Attention heads are grouped feature spaces: a head's query/key units and its value/output units must stay
 in one head, and heads must keep their pairing between the two, which the space description states with
 `groups` and `link`.
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -41,12 +45,13 @@ class Attention(nn.Module):
     """Multi-head self-attention with separate q/k/v maps, so each is a plain Linear the spaces can name.
 
     `mix` (an identity) exposes the concatenated head outputs, the value/output space, to forward hooks.
-    Plain matmul + softmax keeps the CPU forward deterministic.
+    Plain matmul + softmax keeps the CPU forward deterministic. Scores are scaled by `scale`.
     """
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, scale: float) -> None:
         super().__init__()
         self.heads = heads
+        self.scale = scale
         self.q = nn.Linear(width, width)
         self.k = nn.Linear(width, width)
         self.v = nn.Linear(width, width)
@@ -56,19 +61,29 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = (m(x).view(b, t, self.heads, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
-        weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        weights = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
         return self.proj(self.mix((weights @ v).transpose(1, 2).reshape(b, t, d)))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, scale={self.scale:.4g}"
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
-    def __init__(self, width: int, heads: int, hidden: int) -> None:
+    With `out_act` the MLP ends in a second GELU (`mlp.act2`) before it is added to the stream; being
+    elementwise, it leaves the stream's units free to permute.
+    """
+
+    def __init__(self, width: int, heads: int, hidden: int, scale: float, out_act: bool) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, scale)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(width, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, width)))
+        layers = OrderedDict(fc1=nn.Linear(width, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, width))
+        if out_act:
+            layers["act2"] = nn.GELU()
+        self.mlp = nn.Sequential(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -91,12 +106,22 @@ class TokenPool(nn.Module):
 
 @dataclass(frozen=True)
 class ViTSpec:
+    """`attn_scale`: divide attention scores by √head_dim ("head", standard) or √width ("width", the Neuron
+    Interpolation paper's ViT); `mlp_out_act`: a GELU after the MLP's second linear too (that paper's ViT)."""
+
     patch: int = 7
     depth: int = 4
     width: int = 64
     heads: int = 4
     mlp_ratio: float = 2.0
     pool: Literal["cls", "mean"] = "cls"
+    mlp_out_act: bool = False
+    attn_scale: Literal["head", "width"] = "head"
+
+
+# Fields added after checkpoints existed, with the values that reproduce the older network: `describe()` omits
+# them at these values, so the metadata (and the training fingerprints hashed from it) stay as they were.
+LATER_DEFAULTS: dict[str, Any] = {"mlp_out_act": False, "attn_scale": "head"}
 
 
 class ViT(MultiTaskNet):
@@ -116,16 +141,27 @@ class ViT(MultiTaskNet):
         if hidden < 1:
             raise ValueError(f"vit: 'mlp_ratio' ({spec.mlp_ratio}) leaves no hidden units")
         tokens = (height // spec.patch) * (width // spec.patch)
+        scale = (spec.width // spec.heads if spec.attn_scale == "head" else spec.width) ** -0.5
         body = nn.Sequential()
         body.add_module("embed", PatchEmbed(channels, spec.width, spec.patch, tokens, spec.pool == "cls"))
         for k in range(spec.depth):
-            body.add_module(f"block{k}", Block(spec.width, spec.heads, hidden))
+            body.add_module(f"block{k}", Block(spec.width, spec.heads, hidden, scale, spec.mlp_out_act))
         body.add_module("norm", nn.LayerNorm(spec.width))
         body.add_module("pool", TokenPool(spec.pool))
         return body, spec.width
 
+    def describe(self) -> dict[str, Any]:
+        """As the base class, but without the later fields left at their defaults (see `LATER_DEFAULTS`)."""
+        desc = super().describe()
+        desc["spec"] = {k: v for k, v in desc["spec"].items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
+        return desc
+
     def body_spaces(self, head_consumers: tuple[AxisRef, ...]) -> SpaceGraph:
-        """One residual stream; per block linked query/key and value/output head spaces, and the MLP hidden space."""
+        """One residual stream; per block linked query/key and value/output head spaces, and the MLP hidden space.
+
+        The stream passes no nonlinearity of its own (`act` None): an `mlp_out_act` GELU acts on fc2's output
+        before the residual sum, i.e. inside a branch, not on the stream.
+        """
         width, heads, depth = self.spec.width, self.spec.heads, self.spec.depth
         stream = [*linear_producer("body.embed.proj"), AxisRef("body.embed.pos_embed", 2)]
         if self.spec.pool == "cls":
@@ -145,7 +181,7 @@ class ViT(MultiTaskNet):
             spaces += [  # q·k is the query/key space's only consumer
                 FeatureSpace(f"block{k}.qk", width, qk, (), f"{unit}.attn.k", groups=heads, unit_dim=-1, link=link),
                 FeatureSpace(f"block{k}.vo", width, v, proj, f"{unit}.attn.mix", groups=heads, unit_dim=-1, link=link),
-                FeatureSpace(f"block{k}.mlp", hidden, fc1, fc2, f"{unit}.mlp.act", unit_dim=-1),
+                FeatureSpace(f"block{k}.mlp", hidden, fc1, fc2, f"{unit}.mlp.act", unit_dim=-1, act=f"{unit}.mlp.act"),
             ]
         stream += norm_producer("body.norm", running_stats=False)
         spaces.insert(

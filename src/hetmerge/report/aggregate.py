@@ -16,6 +16,9 @@ KEYS = ("dataset", "arch", "method")
 DESCRIPTORS = ("arch_label", "label", "kind")
 """Display fields that must be constant within a row's records."""
 BASE_METRICS = ("joint", "task_avg", "params", "flops")
+OPTIONAL_METRICS = ("f1",)
+"""Metrics only some results have (macro F1: results written before it was evaluated lack it, and a class-disjoint
+ensemble has none); aggregated, right after `joint`, only where a record has them, so older runs report as before."""
 STATS = ("mean", "std", "n")
 
 
@@ -29,9 +32,9 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, method_order: Sequence[st
 
     Returns one row per (dataset, arch, method) with columns `dataset, arch, method, arch_label, label,
     kind, method_rank, n_pairs` and, per metric, `<metric>_mean`, `<metric>_std` (sample std, ddof=1;
-    NaN below two values) and `<metric>_n` (non-null values). Metrics are `joint, task_avg, params, flops` and
-    `tasks.<name>` for every task name seen (sorted). Null metrics are excluded, not counted as zero,
-    because a model without a head for a task has no accuracy on it.
+    NaN below two values) and `<metric>_n` (non-null values). Metrics are `joint`, `f1` where any record has it,
+    `task_avg, params, flops` and `tasks.<name>` for every task name seen (sorted). Null metrics are excluded,
+    not counted as zero, because a model without a head for a task has no accuracy on it.
 
     Rows are sorted by dataset and arch, then by `method_rank`: the position in `method_order`, with
     methods not in it following in the order they are first seen, so the caller controls how methods
@@ -47,7 +50,8 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, method_order: Sequence[st
 
     rank = {method: i for i, method in enumerate(dict.fromkeys([*method_order, *flat["method"]]))}
     tasks = sorted({key[len("tasks.") :] for key in flat.columns if key.startswith("tasks.")})
-    metrics = [*BASE_METRICS, *(task_metric(task) for task in tasks)]
+    optional = [metric for metric in OPTIONAL_METRICS if metric in flat.columns]
+    metrics = [BASE_METRICS[0], *optional, *BASE_METRICS[1:], *(task_metric(task) for task in tasks)]
     # Sorting by pair fixes the summation order, so means do not depend on the order records arrive in.
     flat = flat.reindex(columns=[*KEYS, "pair", *DESCRIPTORS, *metrics]).sort_values([*KEYS, "pair"])
 
@@ -86,6 +90,7 @@ def _flatten(record: Mapping[str, Any]) -> dict[str, Any]:
         metrics = record["metrics"]
         flat = {field: record[field] for field in (*KEYS, "pair", *DESCRIPTORS)}
         flat.update({metric: _number(metrics[metric]) for metric in BASE_METRICS})
+        flat.update({metric: _number(metrics[metric]) for metric in OPTIONAL_METRICS if metric in metrics})
         flat.update({task_metric(task): _number(value) for task, value in metrics["tasks"].items()})
     except KeyError as missing:
         raise ValueError(f"evaluation record lacks field {missing} (record keys: {sorted(record)})") from None

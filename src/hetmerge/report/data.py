@@ -70,8 +70,12 @@ def load_report_data(spec: Mapping[str, Any]) -> ReportData:
 
 
 def ensemble_result(members: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> dict[str, Any]:
-    """The result of an ensemble of base models, from their test predictions: the joint answer is the member
-    with the highest top logit (the first on ties), each task is answered by the member that has its head.
+    """The result of an ensemble of base models, from their test predictions.
+
+    Members of a same-task split (each records its `data_share` of every class) are combined as the Neuron
+    Interpolation paper's ensemble: each member's softmax probabilities weighted per class by its data share,
+    summed, argmax (`weighted_ensemble`). Otherwise (class-disjoint tasks) the joint answer is the member with the
+    highest top logit (the first on ties), each task is answered by the member that has its head.
 
     Numbers are what evaluating the ensemble as one model gives: the joint accuracy is rounded through
     float32 like `hetmerge.evaluation.accuracies`, the task average is the same Python sum.
@@ -87,6 +91,12 @@ def ensemble_result(members: Sequence[Mapping[str, Any]], paths: Sequence[str]) 
         n_images = first["metrics"]["n_images"]
         if not len(predictions["score"]) == len(predictions["correct"]) == n_images:
             raise ValueError(f"ensemble member {path}: its predictions do not cover the {n_images} test images")
+    shared = ["data_share" in member for member in members]
+    if any(shared):
+        if not all(shared):
+            path = paths[shared.index(False)]
+            raise ValueError(f"ensemble member {path} has no data_share, but {paths[shared.index(True)]} has one")
+        return _same_task_ensemble(members, paths)
     scores = [member["predictions"]["score"] for member in members]
     correct = [member["predictions"]["correct"] for member in members]
     score, hit = np.array(scores, dtype=float), np.array(correct, dtype=bool)
@@ -101,16 +111,100 @@ def ensemble_result(members: Sequence[Mapping[str, Any]], paths: Sequence[str]) 
             raise ValueError(f"ensemble members {[p for _, p in answered]} all have a head for task {task!r}")
         tasks[task] = answered[0][0] if answered else None
     scored = [value for value in tasks.values() if value is not None]
+    return _ensemble_record(
+        members,
+        {
+            "joint": float(np.float32(hits) / np.float32(score.shape[1])),
+            "tasks": tasks,
+            "task_avg": sum(scored) / len(scored) if len(scored) == len(tasks) else None,
+            "n_images": score.shape[1],
+        },
+    )
+
+
+def weighted_ensemble(logits: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """Column index of each image's answer: per member k, softmax(logits[k]) times its share of each class
+    `shares[k]`, summed over members, argmax (the first column on ties).
+
+    `logits` is (members, images, classes) and `shares` (members, classes), as the paper's evaluation scores its
+    `Ensemble(percentages)`: probabilities, not logits (KF-Gradient's head targets weight logits), so that a member
+    that never saw a class (share 0) has no say on it. With shares 1/N it is the plain mean of the probabilities.
+    """
+    shifted = logits - logits.max(axis=2, keepdims=True)
+    probabilities = np.exp(shifted)
+    probabilities /= probabilities.sum(axis=2, keepdims=True)
+    return np.einsum("kic,kc->ic", probabilities, shares).argmax(axis=1)
+
+
+def macro_f1(true: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean over the classes seen (as truth or answer) of 2·TP / (2·TP + FP + FN): scikit-learn's
+    `f1_score(average="macro", zero_division=0)`, as `hetmerge.evaluation.macro_f1` computes it for one model."""
+    classes, inverse = np.unique(np.concatenate([true, predicted]), return_inverse=True)
+    t, p = inverse[: len(true)], inverse[len(true) :]
+    tp = np.bincount(t[t == p], minlength=len(classes))
+    support = np.bincount(t, minlength=len(classes)) + np.bincount(p, minlength=len(classes))
+    return float((2 * tp / np.maximum(support, 1)).mean()) if len(classes) else 0.0
+
+
+def _same_task_ensemble(members: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> dict[str, Any]:
+    """The share-weighted ensemble of same-task members (one head over every class), checked to be combinable."""
+    first = members[0]
+    if len(first["tasks"]) != 1:
+        raise ValueError(
+            f"ensemble member {paths[0]} has a data_share but {len(first['tasks'])} tasks: same-task models have one"
+        )
+    (task, classes), n_images = next(iter(first["tasks"].items())), first["metrics"]["n_images"]
+    if sorted(classes) != list(range(len(classes))):
+        raise ValueError(f"ensemble member {paths[0]}: task {task!r} has classes {classes}, not 0..C-1 for C classes")
+    labels = first["predictions"].get("labels")
+    logits, shares = [], []
+    for member, path in zip(members, paths, strict=True):
+        predictions = member["predictions"]
+        if "logits" not in predictions or "labels" not in predictions:
+            raise ValueError(f"ensemble member {path} has a data_share but no predictions.logits and .labels")
+        if len(predictions["labels"]) != n_images:
+            raise ValueError(f"ensemble member {path}: its labels do not cover the {n_images} test images")
+        if predictions["labels"] != labels:
+            raise ValueError(f"ensemble member {path} has other test labels than {paths[0]}")
+        member_logits = np.array(predictions["logits"], dtype=float)
+        if member_logits.shape != (n_images, len(classes)):
+            raise ValueError(
+                f"ensemble member {path}: its logits have shape {member_logits.shape}, expected "
+                f"({n_images} images, {len(classes)} classes)"
+            )
+        if len(member["data_share"]) != len(classes):
+            raise ValueError(
+                f"ensemble member {path}: its data_share has {len(member['data_share'])} entries, expected "
+                f"{len(classes)} (one per class)"
+            )
+        logits.append(member_logits)
+        shares.append(member["data_share"])
+    column_class = np.array(classes)  # logit columns follow the task's classes; shares are indexed by class
+    answer = column_class[weighted_ensemble(np.stack(logits), np.array(shares, dtype=float)[:, column_class])]
+    true = np.array(labels)
+    accuracy = float(np.float32((answer == true).sum()) / np.float32(n_images))
+    return _ensemble_record(
+        members,
+        {
+            "joint": accuracy,
+            "f1": macro_f1(true, answer),
+            "tasks": {task: accuracy},
+            "task_avg": accuracy,
+            "n_images": n_images,
+        },
+    )
+
+
+def _ensemble_record(members: Sequence[Mapping[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
+    """An ensemble's result: its `metrics`, the members' summed cost and the first member's identity."""
+    first = members[0]
     return {
         "kind": "ensemble",
         "dataset": first["dataset"],
         "split_seed": first["split_seed"],
         "tasks": first["tasks"],
         "metrics": {
-            "joint": float(np.float32(hits) / np.float32(score.shape[1])),
-            "tasks": tasks,
-            "task_avg": sum(scored) / len(scored) if len(scored) == len(tasks) else None,
-            "n_images": score.shape[1],
+            **metrics,
             "params": sum(member["metrics"]["params"] for member in members),
             "flops": sum(member["metrics"]["flops"] for member in members),
         },

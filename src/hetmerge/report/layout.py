@@ -51,6 +51,9 @@ class Layout(abc.ABC):
     name: ClassVar[str]
     table: ClassVar[str | None] = None
     """The value of an experiment's `table:` setting whose tables this layout draws, if it draws any."""
+    summarised: ClassVar[bool] = True
+    """Whether the run's summary table and figure repeat the experiments of this table layout (not where its own
+    tables already set all of a group's experiments side by side)."""
 
     @abc.abstractmethod
     def outputs(self, spec: Mapping[str, Any]) -> list[Output]:
@@ -88,6 +91,12 @@ def ordered_layouts() -> list[Layout]:
 def table_layouts() -> list[str]:
     """Every value an experiment's `table:` setting may take: one per registered table layout."""
     return [layout.table for layout in ordered_layouts() if layout.table is not None]
+
+
+def summarised_experiments(spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The experiments the run's summary table and figure show, in spec order."""
+    hidden = {layout.table for layout in ordered_layouts() if layout.table is not None and not layout.summarised}
+    return [experiment for experiment in spec["experiments"] if experiment["layout"] not in hidden]
 
 
 def declared_outputs(spec: Mapping[str, Any]) -> list[Output]:

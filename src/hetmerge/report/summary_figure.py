@@ -1,10 +1,11 @@
 """Summary figures of a whole run: joint accuracy of every row of every experiment as dot plots.
 
-One figure per table layout (standard, MuDSC-like, heterogeneous, …: experiments that a reader compares),
-made of small multiples: one panel per experiment group (the experiments that share a table), its rows on the
-y axis and one marker and colour per experiment, side by side within a row so that none overlap; every panel
-spans 0–100 % so that panels compare at a glance. Panels fill one to three columns, whichever first keeps the
-figure no taller than wide; a layout with more panels than one page holds continues in a further figure.
+One figure per summarised table layout (standard, MuDSC-like, heterogeneous, …: experiments that a reader
+compares; see `Layout.summarised`), made of small multiples: one panel per experiment group (the experiments that
+share a table), its rows on the y axis and one marker and colour per experiment, side by side within a row so that
+none overlap; every panel spans 0–100 % so that panels compare at a glance. Panels fill one to three columns,
+whichever first keeps the figure no taller than wide; a layout with more panels than one page holds continues in a
+further figure.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from hetmerge.report.figures import (
     save_figure,
 )
 from hetmerge.report.latex import Artifact, latex_escape
-from hetmerge.report.layout import Layout, Output, register_layout
+from hetmerge.report.layout import Layout, Output, register_layout, summarised_experiments
 
 _SLOT_PT = 4.2
 """Height per marker in a row (one per experiment of the panel that has the row)."""
@@ -129,10 +130,10 @@ class Sheet:
 
 
 def sheets(spec: Mapping[str, Any]) -> list[Sheet]:
-    """The summary figures of a spec: per layout (in spec order), panels in order, each figure taking panels
-    while they fit unsqueezed."""
+    """The summary figures of a spec: per summarised layout (in spec order), panels in order, each figure taking
+    panels while they fit unsqueezed."""
     by_layout: dict[str, list[Mapping[str, Any]]] = {}
-    for experiment in spec["experiments"]:
+    for experiment in summarised_experiments(spec):
         by_layout.setdefault(experiment["layout"], []).append(experiment)
     result = []
     for layout, experiments in by_layout.items():

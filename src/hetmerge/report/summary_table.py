@@ -2,7 +2,9 @@
 experiments that share rows, so that each fits the text width (a single table of every experiment did not).
 
 Experiments of a group with several members form one panel (a group's experiments are compared anyway); the
-others are pooled by table layout, since experiments of one layout list the same kind of rows.
+others are pooled by table layout, since experiments of one layout list the same kind of rows. Layouts whose own
+tables already compare a whole group (`Layout.summarised` False) are left out; without other experiments, so is
+the summary.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pandas as pd
 
 from hetmerge.report.data import ReportData, dataset_label, slug
 from hetmerge.report.latex import Artifact
-from hetmerge.report.layout import Layout, Output, register_layout
+from hetmerge.report.layout import Layout, Output, register_layout, summarised_experiments
 from hetmerge.report.tables import (
     DASH,
     KIND_ORDER,
@@ -37,9 +39,10 @@ STEM = "summary"
 
 def panels(spec: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
     """Panel title → its experiments, both in spec order."""
-    sizes = Counter(experiment["group"] for experiment in spec["experiments"])
+    experiments = summarised_experiments(spec)
+    sizes = Counter(experiment["group"] for experiment in experiments)
     found: dict[str, list[Mapping[str, Any]]] = {}
-    for experiment in spec["experiments"]:
+    for experiment in experiments:
         if sizes[experiment["group"]] > 1:
             title = f"group {experiment['group']}"
         else:
@@ -53,10 +56,14 @@ class SummaryTable(Layout):
     name = "summary_table"
 
     def outputs(self, spec: Mapping[str, Any]) -> list[Output]:
+        if not panels(spec):
+            return []
         return table_outputs(STEM, "summary_table.rst", "Summary", {"dataset": dataset_label(spec)})
 
     def write(self, data: ReportData, out_dir: Path) -> list[Artifact]:
         tables = [panel_table(data, title, members) for title, members in panels(data.spec).items()]
+        if not tables:
+            return []
         tex, page = write_tables(out_dir, STEM, tables, title=f"{dataset_label(data.spec)}: summary")
         return [Artifact("table", dataset_label(data.spec), tex, (tex, page))]
 
