@@ -35,18 +35,18 @@ ENV = {k: v for k, v in os.environ.items() if k != "HETMERGE_DEBUG"} | {
 TINY = "config/test/tiny.yaml"
 ALL_JOBS = {
     "dataset": 1,
-    "split": 2,
-    "train": 12,
+    "split": 6,  # class-disjoint 5+5, and the non-IID partitions for 2 and 3 models, per seed
+    "train": 22,
     "statistics": 2,  # the mlp pair's, shared by experiments mlp (zipit) and mlp_mudsc (mudsc) of each seed
-    "precompute": 2,  # the depth pair's alignment
-    "merge": 10,
+    "precompute": 10,  # the depth pair's alignment; conductance (OTF) and DeepLIFT (KF) of both fusion model sets
+    "merge": 32,
     "landscape": 1,
     "report": 1,
     "all": 1,
 }
 PAPER = "results/paper/tiny"
 # config/fashion_mnist_gpu.yaml: the default experiments with three model pairs
-GPU_JOBS = {**ALL_JOBS, "split": 6, "train": 69, "statistics": 39, "precompute": 12, "merge": 225, "landscape": 3}
+GPU_JOBS = {**ALL_JOBS, "split": 18, "train": 141, "statistics": 39, "precompute": 60, "merge": 537, "landscape": 3}
 
 
 def workdir(root: Path, *, src: bool = False) -> Path:
@@ -171,7 +171,9 @@ def test_full_run_writes_paper_and_results(completed):
         m = rec["metrics"]
         assert rec["kind"] == ("base" if "/models/" in path else "merge"), path
         assert 0 <= m["joint"] <= 1, path
-        assert set(m["tasks"]) == {"A", "B"}, path
+        same_task = "/non_iid" in path or "mlp_fuse" in path
+        assert set(m["tasks"]) == ({"all"} if same_task else {"A", "B"}), path
+        assert 0 <= m["f1"] <= 1, path
         assert isinstance(m["params"], int) and m["params"] > 0, path
         assert isinstance(m["flops"], int) and m["flops"] > 0, path
         assert m["n_images"] == 355, path
@@ -182,6 +184,8 @@ def test_full_run_writes_paper_and_results(completed):
         if rec["kind"] == "base":  # what ensembles are scored from, one entry per test image
             assert len(rec["predictions"]["score"]) == len(rec["predictions"]["correct"]) == m["n_images"]
             assert abs(sum(rec["predictions"]["correct"]) / m["n_images"] - m["joint"]) < 1e-6
+            if same_task:  # the share-weighted ensemble needs every logit and the model's share of each class
+                assert len(rec["predictions"]["logits"]) == m["n_images"] and len(rec["data_share"]) == 10
     curves = [rec["curve"] for rec in results.values() if rec.get("curve")]
     assert len(curves) == 2  # mudsc_align of each seed: its λ grid and the figure's values, in one job
     for curve in curves:
@@ -191,7 +195,14 @@ def test_full_run_writes_paper_and_results(completed):
         assert curve["chosen"] == best["lam"]
 
     rows = {(r["arch"], r["method"], r["pair"]): r for r in csv_records(paper / "results.csv")}
-    assert {arch for arch, _, _ in rows} == {"mlp", "vgg", "mlp_mudsc", "depth"}
+    assert {arch for arch, _, _ in rows} == {"mlp", "vgg", "mlp_mudsc", "depth", "fuse_2", "fuse_3"}
+    # same-task fusion: the share-weighted ensemble of N models, every row of the paper's table with its F1
+    for exp, n in (("fuse_2", 2), ("fuse_3", 3)):
+        fused = {method: row for (arch, method, _), row in rows.items() if arch == exp}
+        assert {f"model_{c}" for c in "abc"[:n]} | {"ensemble", "average", "kf", "kfg", "otf"} <= set(fused)
+        assert ("hf" in fused) == (n == 2)
+        assert all(0 <= row["f1_mean"] <= 1 for row in fused.values())
+    assert (paper / "tables" / "fusion_fuse.tex").exists()
     for exp in ("mlp", "vgg"):
         a, b, ens = (rows[(exp, row, "mean")] for row in ("model_a", "model_b", "ensemble"))
         # The ensemble answers each task with that task's own model, and costs both models.
@@ -217,7 +228,8 @@ def test_computations_shared_by_experiments_run_once(completed):
     stats = sorted((completed / "results" / "stats").rglob("*.safetensors"))
     assert len(stats) == 2
     models = sorted((completed / "results" / "models").rglob("*.safetensors"))
-    assert sorted(p.name.split("-")[0] for p in models if p.parent == models[0].parent) == [
+    pairs = [p for p in models if p.parent.name.startswith("t2-")]
+    assert sorted(p.name.split("-")[0] for p in pairs if p.parent == pairs[0].parent) == [
         "mlp",
         "mlp",
         "resnet_deep",
@@ -225,7 +237,7 @@ def test_computations_shared_by_experiments_run_once(completed):
         "vgg",
         "vgg",
     ]  # per seed: the two mlp models serve experiments mlp and mlp_mudsc
-    assert len(models) == 12
+    assert len(models) == 22  # and 2 + 3 same-task models per seed
 
 
 def test_second_run_is_a_no_op_and_stays_light(completed):
