@@ -165,3 +165,10 @@ def test_precomputed_scores_give_the_merge_computed_ones_give(method, kind):
     read = merger(models, context(precomputed={f"importance_{kind}": record}, labelled=None)).state_dict()
     for key, value in computed.items():
         assert torch.equal(read[key], value), key
+
+
+def test_the_benchmark_agrees_with_captum_at_tiny_size(capsys):
+    from benchmarks_loader import load_benchmark
+
+    assert load_benchmark("importance").main(["--widths", "0.03", "--samples", "8", "--n-steps", "2"]) == 0
+    assert "| True |" in capsys.readouterr().out

@@ -301,7 +301,7 @@ def test_row_order_and_table_membership_edits_rerun_only_the_report(completed):
 def test_method_parameter_change_reruns_only_that_method(completed):
     config = edited_config(completed, "no_reset", lambda c: c["methods"]["average"]["params"].update(reset_bn=False))
     jobs, out = dry_jobs(completed, config)
-    assert jobs == {"merge": 4, "report": 1, "all": 1}
+    assert jobs == {"merge": 8, "report": 1, "all": 1}  # mlp, vgg, fuse_2 and fuse_3, two seeds
     merges = re.findall(r"output: (results/merges/\S+)", out)
     assert all("/average-" in m for m in merges), merges
 
@@ -355,16 +355,19 @@ REPORTED = {
         "Accuracy": ["tables/standard_mlp.html", "tables/standard_vgg.html"],
         "MuDSC": ["tables/mudsc_mlp_mudsc.html"],
         "Heterogeneous merging": ["tables/hetero_depth.html"],
+        "Same-task fusion": ["tables/fusion_fuse.html"],
     },
     "Figures": {
         "Summary": ["figures/summary_hetero.png", "figures/summary_mudsc.png", "figures/summary_standard.png"],
         "λ curve": ["figures/lambda_mlp_mudsc.png"],
         "Loss landscape": ["figures/landscape_mlp_mudsc.png"],
         "Depth alignment": ["figures/alignment_depth.png"],
+        "Same-task fusion": ["figures/fusion_accuracy.png"],
     },
     "Data": {
         "Results": ["results.csv"],
         "Heterogeneous merging": ["tables/hetero_depth.csv"],
+        "Same-task fusion": ["tables/fusion_fuse.csv"],
         "λ curve": ["figures/lambda_mlp_mudsc.csv"],
         "Provenance": ["provenance.csv"],
     },
@@ -405,7 +408,7 @@ def test_html_report_shows_every_table_figure_and_provenance(completed):
     # Exactly what a reader wants of the report rule's outputs: every HTML table, PNG figure and CSV file.
     wanted = {f"{PAPER}/{p.relative_to(paper)}" for p in paper.rglob("*") if p.suffix in (".html", ".png", ".csv")}
     results = report_variable(page, "results", "results")
-    assert set(results) == wanted and len(wanted) == 17
+    assert set(results) == wanted and len(wanted) == 20
 
     captions = {Path(path).name: " ".join(result["caption"].split()) for path, result in results.items()}
     for path, result in results.items():

@@ -23,9 +23,10 @@ nothing; the attribution's target is each sample's true label and its baseline t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -172,7 +173,7 @@ def neuron_importance(
             found = {}
             for space in spaces:
                 method, on_input = deeplift[space.name]
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), _unpool_allowed():
                     # LayerDeepLift announces the temporary hooks it sets on the nonlinearities on every call.
                     warnings.filterwarnings("ignore", message="Setting forward, backward hooks", category=UserWarning)
                     found[space.name] = method.attribute(
@@ -190,6 +191,20 @@ def neuron_importance(
     if samples == 0:
         raise ValueError(f"neuron importance {kind!r} needs labelled fusion data, but the data yielded no samples")
     return {name: total / samples + 1e-8 for name, total in totals.items()}
+
+
+@contextlib.contextmanager
+def _unpool_allowed() -> Iterator[None]:
+    """Captum's DeepLift rule for max-pooling un-pools, which torch flags as nondeterministic on a GPU: where a
+    caller asked for deterministic algorithms (as training does), let it run with a warning instead of failing."""
+    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    if strict:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        if strict:
+            torch.use_deterministic_algorithms(True)
 
 
 def _conductance(
