@@ -10,6 +10,7 @@ from torch import nn
 
 from hetmerge.data import ImageDataset, TaskSplit, iterate_batches
 from hetmerge.merged import UnitMap
+from hetmerge.metrics import macro_f1
 
 Model = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 Part = Literal["test", "merge"]
@@ -95,7 +96,7 @@ def accuracies(
     scored = [a for a in task_acc.values() if a is not None]
     result: dict[str, Any] = {
         "joint": (joint_pred == true_class).float().mean().item(),
-        "f1": macro_f1(true_class, joint_pred),
+        "f1": macro_f1(true_class.numpy(), joint_pred.numpy()),
         "tasks": task_acc,
         "task_avg": sum(scored) / len(scored) if len(scored) == len(task_acc) else None,
         "n_images": len(indices),
@@ -106,16 +107,6 @@ def accuracies(
         if logits:
             result["predictions"].update(logits=joint_logits.tolist(), labels=true_class.tolist())
     return result
-
-
-def macro_f1(true: torch.Tensor, predicted: torch.Tensor) -> float:
-    """Mean over the classes seen (as truth or answer) of 2·TP / (2·TP + FP + FN); a class with no TP scores 0."""
-    classes, inverse = torch.unique(torch.cat([true, predicted]), return_inverse=True)
-    t, p = inverse[: len(true)], inverse[len(true) :]
-    n = len(classes)
-    tp = torch.bincount(t[t == p], minlength=n).double()
-    support = torch.bincount(t, minlength=n).double() + torch.bincount(p, minlength=n).double()
-    return float((2 * tp / support.clamp_min(1)).mean()) if n else 0.0
 
 
 def _macs(module: nn.Module, output: torch.Tensor) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hetmerge.metrics import macro_f1
 from hetmerge.report.aggregate import aggregate
 
 RESULT_FIELDS = ("kind", "dataset", "split_seed", "tasks", "metrics")
@@ -134,16 +135,6 @@ def weighted_ensemble(logits: np.ndarray, shares: np.ndarray) -> np.ndarray:
     probabilities = np.exp(shifted)
     probabilities /= probabilities.sum(axis=2, keepdims=True)
     return np.einsum("kic,kc->ic", probabilities, shares).argmax(axis=1)
-
-
-def macro_f1(true: np.ndarray, predicted: np.ndarray) -> float:
-    """Mean over the classes seen (as truth or answer) of 2·TP / (2·TP + FP + FN): scikit-learn's
-    `f1_score(average="macro", zero_division=0)`, as `hetmerge.evaluation.macro_f1` computes it for one model."""
-    classes, inverse = np.unique(np.concatenate([true, predicted]), return_inverse=True)
-    t, p = inverse[: len(true)], inverse[len(true) :]
-    tp = np.bincount(t[t == p], minlength=len(classes))
-    support = np.bincount(t, minlength=len(classes)) + np.bincount(p, minlength=len(classes))
-    return float((2 * tp / np.maximum(support, 1)).mean()) if len(classes) else 0.0
 
 
 def _same_task_ensemble(members: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> dict[str, Any]:
