@@ -91,3 +91,11 @@ def pair(make_model, randomize_bn):
     a = randomize_bn(make_model("vgg", spec, {"A": 3}, seed=1), 1).eval()
     b = randomize_bn(make_model("vgg", spec, {"B": 4}, seed=2), 2).eval()
     return a, b
+
+
+@pytest.fixture
+def keep_determinism_flag():
+    """Training turns deterministic algorithms on, as a job does; put the flag back for other tests."""
+    was = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(was)

@@ -30,14 +30,6 @@ VGG = ("vgg", {"depth": 11, "width": 0.0625})
 
 
 @pytest.fixture
-def keep_determinism_flag():
-    """Training turns deterministic algorithms on, as a job does; put the flag back for other tests."""
-    was = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(was)
-
-
-@pytest.fixture
 def train(digits, digits_split, cpu, make_model, keep_determinism_flag):
     """`train(seed, resume=None, model=("mlp", SPEC), **settings)` -> (model, history): a tiny net on task A,
     as the CLI does it."""

@@ -84,13 +84,6 @@ def datasets(digits, digits_split, rgb):
 
 
 @pytest.fixture
-def keep_determinism_flag():
-    was = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(was)
-
-
-@pytest.fixture
 def train(datasets, cpu, make_model, keep_determinism_flag):
     """`train(dataset, model, seed=3, resume=None, **settings)` -> (model, history) on task A, as the CLI does."""
 

@@ -137,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     save_model(model, args.out, info)
     resume.unlink(missing_ok=True)
     if args.result:
-        # a same-task model's share of each class's data weights its logits in the paper's ensemble
+        # a same-task model's share of each class's data weights its softmax in the paper's ensemble
         share = {"data_share": list(split.shares[args.partition])} if args.partition else {}
         write_result(args.result, "base", model, ds, split, info, device, args.eval_batch_size, **share)
 

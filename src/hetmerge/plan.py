@@ -376,10 +376,9 @@ class Planner:
         seeds = self.config["split"]["seeds"]
         archs = exp["models"]
         rows: list[dict[str, Any]] = []
-        setting, fusion = exp["setting"], exp.get("fusion_size")
+        models = {str(s): self.models(name, s) for s in seeds}
         for i, task in enumerate(string.ascii_uppercase[: len(archs)]):
-            paths = {str(s): self.model(len(archs), s, archs[i], task, setting, fusion) for s in seeds}
-            results = {s: self._input(_result(path)) for s, path in paths.items()}
+            results = {s: self._input(_result(paths[i])) for s, paths in models.items()}
             rows.append({"key": f"model_{task.lower()}", "label": f"Model {task}", "kind": "base", "results": results})
         for key in exp["methods"]:
             row = self.rows[key]
@@ -419,7 +418,7 @@ class Planner:
             "label": self.experiment_label(name),
             "layout": exp["table"],
             "group": exp.get("group", name),
-            "setting": setting,
+            "setting": exp["setting"],
             "n_models": len(archs),
             "models": list(archs),
             "model_labels": [self.config["architectures"][a].get("label", a) for a in archs],

@@ -285,20 +285,28 @@ def _per_class_shuffled(labels: np.ndarray, num_classes: int, rng: np.random.Gen
     return [rng.permutation(by_class[bounds[c] : bounds[c + 1]]) for c in range(num_classes)]
 
 
+def _balanced_pools(
+    shuffled: Sequence[np.ndarray], classes: Sequence[int], total: int | None, what: str
+) -> list[np.ndarray]:
+    """Per class of `classes`, all its examples, or its part of a class-balanced random `total` of them (the head
+    of its shuffled order)."""
+    pools = [shuffled[c] for c in classes]
+    if total is None:
+        return pools
+    if total < 0:
+        raise ValueError(f"{what} must be >= 0, got {total}")
+    try:
+        quota = _balanced_quota(np.array([len(p) for p in pools]), total)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc} for classes {list(classes)}") from None
+    return [p[:q] for p, q in zip(pools, quota, strict=True)]
+
+
 def _take_balanced(
     shuffled: Sequence[np.ndarray], classes: Sequence[int], total: int | None, what: str
 ) -> tuple[int, ...]:
     """All examples of `classes`, or a class-balanced random `total` of them, as a sorted tuple."""
-    pools = [shuffled[c] for c in classes]
-    if total is not None:
-        if total < 0:
-            raise ValueError(f"{what} must be >= 0, got {total}")
-        try:
-            quota = _balanced_quota(np.array([len(p) for p in pools]), total)
-        except ValueError as exc:
-            raise ValueError(f"{what}: {exc} for classes {list(classes)}") from None
-        pools = [p[:q] for p, q in zip(pools, quota, strict=True)]
-    return tuple(np.sort(np.concatenate(pools)).tolist())
+    return tuple(np.sort(np.concatenate(_balanced_pools(shuffled, classes, total, what))).tolist())
 
 
 def _checked_labels(train_labels: ArrayLike, test_labels: ArrayLike, num_classes: int) -> dict[str, np.ndarray]:
@@ -417,16 +425,7 @@ def make_same_task_split(
     rng = np.random.default_rng(seed)
     train_shuffled = _per_class_shuffled(labels["train"], num_classes, rng)
     test_shuffled = _per_class_shuffled(labels["test"], num_classes, rng)
-    if train_total is None:
-        pool = train_shuffled
-    else:
-        if train_total < 0:
-            raise ValueError(f"train_total must be >= 0, got {train_total}")
-        try:
-            quota = _balanced_quota(np.array([len(ix) for ix in train_shuffled]), train_total)
-        except ValueError as exc:
-            raise ValueError(f"train_total: {exc}") from None
-        pool = [ix[:q] for ix, q in zip(train_shuffled, quota, strict=True)]
+    pool = _balanced_pools(train_shuffled, range(num_classes), train_total, "train_total")
     missing = [c for c, ix in enumerate(pool) if not len(ix)]
     if missing:
         raise ValueError(
