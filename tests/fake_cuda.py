@@ -139,6 +139,13 @@ def _from_data(make: Any) -> Any:
     return build
 
 
+class _NoCapture:
+    """The emulated device's stream: it never captures a CUDA graph."""
+
+    def is_capturing(self) -> bool:
+        return False
+
+
 @contextlib.contextmanager
 def fake_cuda() -> Iterator[torch.device]:
     """Within the block, cuda:0 is an emulated, device-strict CUDA device on the CPU; yields that device."""
@@ -153,6 +160,8 @@ def fake_cuda() -> Iterator[torch.device]:
             "current_device": lambda: 0,
         }.items():
             stack.enter_context(mock.patch.object(torch.cuda, name, value))
+        # optimizers ask the accelerator's current stream whether a CUDA graph is being captured: never here
+        stack.enter_context(mock.patch.object(torch.accelerator, "current_stream", lambda device=None: _NoCapture()))
         for name in ("tensor", "as_tensor"):
             stack.enter_context(mock.patch.object(torch, name, _from_data(getattr(torch, name))))
         stack.enter_context(_FactoryMode())
