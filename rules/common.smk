@@ -141,9 +141,13 @@ def train_options(wc):
 
 
 def merge_options(wc):
-    """`--stats PATH` and `--precomputed NAME=PATH ...` for the inputs the method reads."""
+    """`--stats PATH`, `--precomputed NAME=PATH ...` and `--few-shot ...` for the inputs the method reads."""
     entry = job("merge")(wc)
     options = ["--stats", entry["stats"]] if "stats" in entry else []
+    few = entry["args"].get("few_shot")
+    if few:
+        options += ["--few-shot", str(few["originals"]), "--aug-factor", str(few["aug_factor"])]
+        options += ["--val-per-task", str(few["val_per_task"])]
     if "precomputed" in entry:
         options += ["--precomputed", *(f"{name}={path}" for name, path in entry["precomputed"].items())]
     return options

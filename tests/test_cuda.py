@@ -15,6 +15,7 @@ import torch
 from fake_cuda import fake_cuda, is_on_fake_cuda
 
 from hetmerge.batchnorm import reset_batchnorm
+from hetmerge.data.few_shot import FewShot, TaskImages
 from hetmerge.depth import layer_cka
 from hetmerge.matching import solvers
 from hetmerge.merged import MergedModel
@@ -59,6 +60,13 @@ CASES: dict[str, list[tuple[tuple, tuple, dict]]] = {
     "kf": [(PLAIN_VGG, PLAIN_VGG, {"importance": "conductance", "restarts": 2})],
     "kf_gradient": [(PLAIN_VGG, PLAIN_VGG, {**QUICK, "importance": "conductance"}), (VIT, VIT, QUICK)],
     "last_layer_kd": [(PLAIN_VGG, PLAIN_VGG, {"epochs": 2})],
+    # the merges that learn from each task's few-shot slice (see few_shot_on)
+    "regmean": [(VGG, VGG, {}), (VIT, VIT, {"align": "permute"})],
+    "distill": [(VGG, VGG, {"epochs": 2, "batch_size": 16})],
+    "fs_merge": [
+        (VGG, VGG, {"epochs": 2, "batch_size": 16, "rank": 1}),
+        (VIT, VIT, {"epochs": 1, "batch_size": 16, "rank": 1, "mode": "local"}),
+    ],
 }
 
 
@@ -116,6 +124,16 @@ def data_on(device: torch.device) -> list[torch.Tensor]:
     return [(torch.randn(16, *SHAPE, generator=gen) * 2 + 0.5).to(device) for _ in range(3)]
 
 
+def few_shot_cpu() -> FewShot:
+    """Tasks A and B's few-shot slice, on the CPU as a caller may hand it over: the method moves it."""
+    gen = torch.Generator().manual_seed(11)
+
+    def part(n: int) -> TaskImages:
+        return TaskImages(torch.randn(2 * n, *SHAPE, generator=gen), torch.arange(2).repeat_interleave(n), ("A", "B"))
+
+    return FewShot(part(24), part(8), 24, 0)
+
+
 def merge_on(
     device: torch.device, method: str, params: dict, descs: tuple
 ) -> tuple[MergedModel, dict, list[torch.nn.Module]]:
@@ -137,6 +155,7 @@ def merge_on(
         class_shares=shares if same_task else None,
         seed=3,
         score=score,
+        few_shot=few_shot_cpu() if REGISTRY[method].uses_few_shot else None,
     )
     merged = build_method(method, params)(models, ctx)
     return merged, ctx.notes, models

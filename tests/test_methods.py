@@ -72,6 +72,10 @@ ANALYSES_OF = [
     ("kf", {}, ("landscape",)),
     ("kf_gradient", {}, ("landscape",)),
     ("last_layer_kd", {}, ("landscape",)),
+    ("regmean", {}, ("landscape",)),
+    ("regmean", {"align": "zipit"}, ("landscape",)),
+    ("distill", {}, ("landscape",)),
+    ("fs_merge", {}, ("landscape",)),
 ]
 
 
@@ -259,6 +263,9 @@ MLP_PARAMS = {
     "kf": {"restarts": 1},
     "kf_gradient": {"epochs": 1, "head_epochs": 1},
     "last_layer_kd": {"epochs": 1},
+    "regmean": {},
+    "distill": {"epochs": 1},
+    "fs_merge": {"epochs": 1, "rank": 2},
 }
 
 

@@ -39,14 +39,14 @@ ALL_JOBS = {
     "train": 22,
     "statistics": 2,  # the mlp pair's, shared by experiments mlp (zipit) and mlp_mudsc (mudsc) of each seed
     "precompute": 10,  # the depth pair's alignment; conductance (OTF) and DeepLIFT (KF) of both fusion model sets
-    "merge": 32,
+    "merge": 42,  # ... and fs_8/fs_16's RegMean, KD and FS-Merge rows (average is mlp's job): 5 per seed
     "landscape": 1,
     "report": 1,
     "all": 1,
 }
 PAPER = "results/paper/tiny"
 # config/fashion_mnist_gpu.yaml: the default experiments with three model pairs
-GPU_JOBS = {**ALL_JOBS, "split": 18, "train": 141, "statistics": 39, "precompute": 60, "merge": 537, "landscape": 3}
+GPU_JOBS = {**ALL_JOBS, "split": 18, "train": 141, "statistics": 39, "precompute": 60, "merge": 609, "landscape": 3}
 
 
 def workdir(root: Path, *, src: bool = False) -> Path:
@@ -195,7 +195,7 @@ def test_full_run_writes_paper_and_results(completed):
         assert curve["chosen"] == best["lam"]
 
     rows = {(r["arch"], r["method"], r["pair"]): r for r in csv_records(paper / "results.csv")}
-    assert {arch for arch, _, _ in rows} == {"mlp", "vgg", "mlp_mudsc", "depth", "fuse_2", "fuse_3"}
+    assert {arch for arch, _, _ in rows} == {"mlp", "vgg", "mlp_mudsc", "depth", "fuse_2", "fuse_3", "fs_8", "fs_16"}
     # same-task fusion: the share-weighted ensemble of N models, every row of the paper's table with its F1
     for exp, n in (("fuse_2", 2), ("fuse_3", 3)):
         fused = {method: row for (arch, method, _), row in rows.items() if arch == exp}
@@ -203,6 +203,15 @@ def test_full_run_writes_paper_and_results(completed):
         assert ("hf" in fused) == (n == 2)
         assert all(0 <= row["f1_mean"] <= 1 for row in fused.values())
     assert (paper / "tables" / "fusion_fuse.tex").exists()
+    # FS-Merge's table: one block per few-shot size; the rows that learn are merged per size, the others shared
+    assert set(csv_methods(rows, "fs_8")) >= {"regmean", "kd", "fs", "average", "ensemble"}
+    assert set(csv_methods(rows, "fs_16")) == {"model_a", "model_b", "kd", "fs"}
+    assert rows[("fs_8", "average", "mean")]["joint_mean"] == rows[("mlp", "average", "mean")]["joint_mean"]
+    fs_infos = [rec["source"] for path, rec in results.items() if "/fs_merge-" in path]
+    assert sorted(i["few_shot"]["originals"] for i in fs_infos) == [8, 8, 16, 16]
+    assert all(i["few_shot"]["train_images"] == 2 * 3 * i["few_shot"]["originals"] for i in fs_infos)  # aug_factor 2
+    assert all(i["notes"]["steps"][0]["fold_error"]["max_rel"] < 1e-5 for i in fs_infos)
+    assert (paper / "tables" / "few_shot_fs.tex").exists() and (paper / "figures" / "few_shot_accuracy.pdf").exists()
     for exp in ("mlp", "vgg"):
         a, b, ens = (rows[(exp, row, "mean")] for row in ("model_a", "model_b", "ensemble"))
         # The ensemble answers each task with that task's own model, and costs both models.
@@ -210,6 +219,10 @@ def test_full_run_writes_paper_and_results(completed):
         assert ens["params_mean"] == a["params_mean"] + b["params_mean"]
         assert ens["flops_mean"] == a["flops_mean"] + b["flops_mean"]
         assert a["tasks.A_mean"] > 0.5, exp  # two epochs on 5 digit classes do learn something
+
+
+def csv_methods(rows: dict, experiment: str) -> list[str]:
+    return [method for arch, method, pair in rows if arch == experiment and pair == "mean"]
 
 
 def csv_records(path: Path) -> list[dict]:
@@ -301,7 +314,7 @@ def test_row_order_and_table_membership_edits_rerun_only_the_report(completed):
 def test_method_parameter_change_reruns_only_that_method(completed):
     config = edited_config(completed, "no_reset", lambda c: c["methods"]["average"]["params"].update(reset_bn=False))
     jobs, out = dry_jobs(completed, config)
-    assert jobs == {"merge": 8, "report": 1, "all": 1}  # mlp, vgg, fuse_2 and fuse_3, two seeds
+    assert jobs == {"merge": 8, "report": 1, "all": 1}  # mlp (also fs_8's row), vgg, fuse_2 and fuse_3, two seeds
     merges = re.findall(r"output: (results/merges/\S+)", out)
     assert all("/average-" in m for m in merges), merges
 
@@ -314,7 +327,7 @@ def test_training_change_reruns_training_and_downstream(completed):
 def test_one_architecture_change_reruns_only_what_reads_it(completed):
     config = edited_config(completed, "wider", lambda c: c["architectures"]["mlp"]["spec"].update(hidden=[24]))
     jobs, out = dry_jobs(completed, config)
-    assert jobs == {"train": 4, "statistics": 2, "merge": 6, "landscape": 1, "report": 1, "all": 1}
+    assert jobs == {"train": 4, "statistics": 2, "merge": 16, "landscape": 1, "report": 1, "all": 1}
     assert "vgg" not in " ".join(re.findall(r"output: (results/(?:models|merges)/\S+)", out))
 
 
@@ -332,8 +345,8 @@ def editable(completed, tmp_path):
     [
         # a method's code: that method's merges (hetero: one per seed) and what reads them
         ("hetmerge/methods/hetero.py", {"merge": 2, "report": 1, "all": 1}),
-        # mudsc imports zipit: both methods' merges rerun, and the landscape that reads mudsc's
-        ("hetmerge/methods/zipit.py", {"merge": 4, "landscape": 1, "report": 1, "all": 1}),
+        # mudsc and regmean (its zipit alignment) import zipit: their merges rerun, and the landscape of mudsc's
+        ("hetmerge/methods/zipit.py", {"merge": 6, "landscape": 1, "report": 1, "all": 1}),
         # training: every model and everything after it
         ("hetmerge/training.py", {k: v for k, v in ALL_JOBS.items() if k not in ("dataset", "split")}),
         # the report's code: the report alone
@@ -356,6 +369,7 @@ REPORTED = {
         "MuDSC": ["tables/mudsc_mlp_mudsc.html"],
         "Heterogeneous merging": ["tables/hetero_depth.html"],
         "Same-task fusion": ["tables/fusion_fuse.html"],
+        "Few-shot merging": ["tables/few_shot_fs.html"],
     },
     "Figures": {
         "Summary": ["figures/summary_hetero.png", "figures/summary_mudsc.png", "figures/summary_standard.png"],
@@ -363,11 +377,13 @@ REPORTED = {
         "Loss landscape": ["figures/landscape_mlp_mudsc.png"],
         "Depth alignment": ["figures/alignment_depth.png"],
         "Same-task fusion": ["figures/fusion_accuracy.png"],
+        "Few-shot merging": ["figures/few_shot_accuracy.png"],
     },
     "Data": {
         "Results": ["results.csv"],
         "Heterogeneous merging": ["tables/hetero_depth.csv"],
         "Same-task fusion": ["tables/fusion_fuse.csv"],
+        "Few-shot merging": ["tables/few_shot_fs.csv"],
         "λ curve": ["figures/lambda_mlp_mudsc.csv"],
         "Provenance": ["provenance.csv"],
     },
@@ -408,7 +424,7 @@ def test_html_report_shows_every_table_figure_and_provenance(completed):
     # Exactly what a reader wants of the report rule's outputs: every HTML table, PNG figure and CSV file.
     wanted = {f"{PAPER}/{p.relative_to(paper)}" for p in paper.rglob("*") if p.suffix in (".html", ".png", ".csv")}
     results = report_variable(page, "results", "results")
-    assert set(results) == wanted and len(wanted) == 20
+    assert set(results) == wanted and len(wanted) == 23
 
     captions = {Path(path).name: " ".join(result["caption"].split()) for path, result in results.items()}
     for path, result in results.items():

@@ -82,8 +82,9 @@ def test_a_choosing_method_is_one_job_with_its_curve(default_plan):
     """MuDSC without a fixed λ: one job per pair, seed and solver, scoring its grid and the figure's values."""
     curves = [job for job in default_plan["jobs"]["merge"].values() if job["args"]["curve_values"]]
     # align and zip for the resnet, resnet_gn and vit pairs (resnet_half_homo's zip is resnet_mudsc's), zip for
-    # the three other pairs of the width group; two seeds each
-    assert len(curves) == (3 * 2 + 3) * 2
+    # the three other pairs of the width group and for the mlp pair (its FS-Merge table's MuDSC row, the vit's is
+    # the vit experiment's); two seeds each
+    assert len(curves) == (3 * 2 + 3 + 1) * 2
     # the figure's values (0 and 1) only where an experiment of those models draws the λ figure
     drawn = {"resnet+resnet", "resnet_gn+resnet_gn", "vit+vit"}
     for name, job in default_plan["jobs"]["merge"].items():
@@ -218,3 +219,17 @@ def test_code_version_covers_what_a_module_imports_and_nothing_else(tmp_path, mo
     assert {m for m, v in versions().items() if v != after[m]} == {"training"}
     assert [p.name for p in cv.closure(["hetmerge.methods.b"])] == ["a.py", "b.py", "shared.py"]
     cv._imports.cache_clear()
+
+
+def test_the_paper_scale_fs_merge_config_plans():
+    """Its few-shot sizes and augmentation counts reach the merge jobs of the methods that learn, and only theirs."""
+    result = plan(load("cifar10_fs_merge.yaml"), "cifar10_fs_merge")
+    few = {
+        (job["args"]["method"], job["args"]["few_shot"]["originals"]): job["args"]["few_shot"]
+        for job in result["jobs"]["merge"].values()
+        if "few_shot" in job["args"]
+    }
+    assert {method for method, _ in few} == {"regmean", "distill", "fs_merge"}
+    assert few["fs_merge", 16] == {"originals": 16, "aug_factor": 50, "val_per_task": 300}
+    assert few["fs_merge", 100]["aug_factor"] == 8 and ("regmean", 50) not in few
+    assert not any("few_shot" in j["args"] for j in result["jobs"]["merge"].values() if j["args"]["method"] == "zipit")

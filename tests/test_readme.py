@@ -12,9 +12,9 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_library_examples_run(tmp_path, monkeypatch):
-    """The merge example, then the same-task fusion example, which continues in its namespace."""
+    """The merge example, then the same-task fusion and the FS-Merge examples, which continue in its namespace."""
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-    assert len(blocks) == 2, "README should have two Python examples: merging and same-task fusion"
+    assert len(blocks) == 3, "README should have three Python examples: merging, same-task fusion, FS-Merge"
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
@@ -32,6 +32,12 @@ def test_library_examples_run(tmp_path, monkeypatch):
     assert namespace["digits"].shape == (8, 10)
     assert fused.trunk.describe() == parents[0].describe()  # one network of the parents' architecture
     assert not torch.equal(fused.trunk.body.fc0.linear.weight, parents[0].body.fc0.linear.weight)
+
+    exec(compile(blocks[2], "README.md", "exec"), namespace)
+    folded, low = namespace["folded"], namespace["low"]
+    assert set(folded.heads) == {"low", "high"} and folded.spec == low.spec  # one plain MLP of the original width
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(folded(x)["low"], namespace["merged"](x)["low"])
 
 
 def test_quick_start_is_two_commands_and_ci_runs_the_test_one():

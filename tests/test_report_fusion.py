@@ -24,15 +24,9 @@ from test_report import compile_or_skip, make_run, provenance, tabulars, write
 
 from hetmerge.report import build_report, load_report_data
 from hetmerge.report.data import ensemble_result, macro_f1, weighted_ensemble
-from hetmerge.report.fusion_figure import (
-    FusionFigure,
-    family_name,
-    grid,
-    importance_linestyle,
-    row_styles,
-    sheets,
-)
+from hetmerge.report.fusion_figure import FusionFigure, family_name, importance_linestyle, row_styles, sheets
 from hetmerge.report.fusion_table import FusionTable, fusion_groups
+from hetmerge.report.grouped import grid
 from hetmerge.report.layout import declared_outputs
 
 SEEDS = (0, 1)

@@ -16,6 +16,7 @@ _EXPORTS = {
     "save_model": "hetmerge.checkpoint",
     "load_model": "hetmerge.checkpoint",
     "collect_statistics": "hetmerge.statistics",
+    "draw_few_shot": "hetmerge.data.few_shot",
 }
 
 __all__ = ["__version__", *_EXPORTS]

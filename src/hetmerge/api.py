@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from hetmerge.data.few_shot import FewShot
 from hetmerge.merged import MergedModel
 from hetmerge.methods import MergeContext, MergeError, build_method
 from hetmerge.models import FAMILIES, MultiTaskNet
@@ -76,6 +78,8 @@ def merge(
     device: str | torch.device = "cpu",
     seed: int = 0,
     class_shares: torch.Tensor | Sequence[Sequence[float]] | None = None,
+    few_shot: FewShot | None = None,
+    state_dir: str | Path | None = None,
 ) -> MergedModel:
     """Merge `models` with a registered method.
 
@@ -88,11 +92,29 @@ def merge(
     class counts, data of another shape, and NaN or inf in the weights, data or result raise a ValueError
     (MergeError where the method refuses) that names the culprit; models that are no hetmerge MultiTaskNet and
     one-shot iterators (generators) as `data` raise a TypeError.
+
+    The merges that learn from several tasks (FS-Merge, distillation, RegMean) read `few_shot`, each task's
+    images tagged with the task (`hetmerge.draw_few_shot` draws one from your per-task images, with the paper's
+    augmentations): `merge([a, b], "fs_merge", {"rank": 12}, few_shot=few)`. Their training saves its state every
+    epoch under `state_dir`, where given, and resumes from it.
     """
     models = _merge_inputs(models, data)
     device = torch.device(device)
     batches = None if data is None or not models else _input_batches(data, device, models[0].input_shape)
     labelled = None if data is None else _labelled_batches(data, device)
     shares = None if class_shares is None else torch.as_tensor(class_shares, dtype=torch.float32, device=device)
-    ctx = MergeContext(device=device, batches=batches, labelled=labelled, class_shares=shares, seed=seed)
+    if few_shot is not None and models and tuple(few_shot.train.images.shape[1:]) != models[0].input_shape:
+        raise MergeError(
+            f"few_shot holds images of shape {tuple(few_shot.train.images.shape[1:])}, the models take "
+            f"{models[0].input_shape}"
+        )
+    ctx = MergeContext(
+        device=device,
+        batches=batches,
+        labelled=labelled,
+        class_shares=shares,
+        seed=seed,
+        few_shot=few_shot,
+        state_dir=None if state_dir is None else Path(state_dir),
+    )
     return build_method(method, params)(models, ctx)

@@ -10,6 +10,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -201,7 +202,7 @@ def evaluation_record(
     )
     kept_predictions = metrics.pop("predictions", None)
     metrics.update(cost(model, ds.input_shape))
-    keep = ("method", "params", "notes", "cut", "units", "seed", "task", "train")
+    keep = ("method", "params", "notes", "few_shot", "cut", "units", "seed", "task", "train")
     record = {
         "metrics": metrics,
         "split_seed": split.seed,
@@ -259,6 +260,41 @@ def _labelled_batches(ds: Any, split: Any, batch_size: int, device: Any) -> Any:
     return passes
 
 
+def _few_shot(ds: Any, split: Any, args: argparse.Namespace, device: Any) -> Any:
+    """Each task's few-shot slice (`--few-shot` originals from the task's training images, `--aug-factor` augmented
+    copies, `--val-per-task` held-out images), drawn with the merge's seed; None without `--few-shot`."""
+    if args.few_shot is None:
+        return None
+    import torch
+
+    from hetmerge.data import make_label_map, normalize
+    from hetmerge.data.few_shot import assemble_few_shot, few_shot_indices
+
+    generator = torch.Generator().manual_seed(args.seed)
+    pools = {task.name: torch.tensor(split.train_indices[task.name]) for task in split.tasks}
+    rows = few_shot_indices({t: len(p) for t, p in pools.items()}, args.few_shot, args.val_per_task, generator)
+    images, labels = [], []
+    for which in (0, 1):
+        chosen = {t: pools[t][torch.tensor(rows[t][which], dtype=torch.int64)] for t in pools}
+        images.append({t: normalize(ds.train_images[i], ds.mean, ds.std) for t, i in chosen.items()})
+        maps = {task.name: make_label_map(task.label_map, ds.num_classes) for task in split.tasks}
+        labels.append({t: maps[t][ds.train_labels[i]] for t, i in chosen.items()})
+    few = assemble_few_shot(images[0], images[1], args.aug_factor, generator, ds.mean, ds.std, labels[0], labels[1])
+    return few.to(device)
+
+
+def _few_shot_record(few: Any, val_per_task: int) -> dict[str, Any]:
+    """What a merge that learns saw: images per task, augmented copies, and the sizes of both slices."""
+    return {
+        "originals": few.originals,
+        "aug_factor": few.aug_factor,
+        "val_per_task": val_per_task,
+        "train_images": len(few.train.images),
+        "val_images": len(few.val.images),
+        "tasks": list(few.train.names),
+    }
+
+
 def _class_shares(split: Any, metas: Sequence[dict[str, Any]], device: Any) -> Any:
     """(models, classes) data shares of the models' partitions of a same-task split, in the order the models are
     given; None for models trained on tasks rather than partitions."""
@@ -299,6 +335,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     method = build_method(args.method, args.params)
     device, ds, split, models, stats, batches, sources, shares = _merge_setup(args)
+    few_shot = _few_shot(ds, split, args, device)
+    state_dir = Path(f"{args.out}.state")  # the fit state of a merge that learns, so that it resumes
     precomputed = {}
     for entry in args.precomputed:
         name, _, path = entry.partition("=")
@@ -319,6 +357,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
             stats=stats,
             score=lambda m: score(m)["joint"],
             precomputed=precomputed,
+            few_shot=few_shot,
+            state_dir=state_dir,
         )
         return merger(models, ctx), ctx
 
@@ -367,10 +407,12 @@ def cmd_merge(args: argparse.Namespace) -> None:
         "sources": [str(p) for p in args.models],
         "source_models": sources,
         **merged_origin(split, merged.tasks),
+        "few_shot": None if few_shot is None else _few_shot_record(few_shot, args.val_per_task),
         "merge_seconds": round(time.perf_counter() - t0, 3),
         "provenance": provenance(device),
     }
     save_model(merged, args.out, info)
+    shutil.rmtree(state_dir, ignore_errors=True)
     print(f"{args.method}: merged {len(models)} models in {info['merge_seconds']:.2f}s")
     if args.result:
         write_result(
@@ -659,6 +701,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="for a method that chooses a parameter: values scored besides its grid (the figure's)",
     )
+    p.add_argument(
+        "--few-shot",
+        type=int,
+        default=None,
+        metavar="N",
+        help="for the merges that learn (FS-Merge, distill, RegMean): N original training images per task",
+    )
+    p.add_argument("--aug-factor", type=int, default=8, help="augmented copies of each few-shot image")
+    p.add_argument("--val-per-task", type=int, default=300, help="held-out training images per task (validation loss)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -28,8 +27,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+from hetmerge.fitting import FitSettings, fit
 from hetmerge.models import MultiTaskNet
 from hetmerge.observe import as_rows, observing
 from hetmerge.spaces import FeatureSpace
@@ -241,6 +240,22 @@ def level_loss(
     return F.mse_loss(out, target)
 
 
+def _level_fit(settings: LevelTraining) -> FitSettings:
+    """The paper's level trainer on `fit`: a constant lr, batches of 32, patience 15, the best weights kept, and
+    fp32 on every device (the results stay those of the paper's trainer)."""
+    return FitSettings(
+        optimizer=settings.optimizer,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        epochs=settings.epochs,
+        batch_size=BATCH_SIZE,
+        schedule="constant",
+        patience=PATIENCE,
+        keep_best=True,
+        precision="fp32",
+    )
+
+
 def train_level(
     model: MultiTaskNet,
     level: Level,
@@ -275,8 +290,6 @@ def train_level(
     params = level.parameters(model)
     for p in params:
         p.requires_grad_(True)
-    opt_class = torch.optim.Adam if settings.optimizer == "adam" else torch.optim.SGD
-    optimizer = opt_class(params, lr=settings.lr, weight_decay=settings.weight_decay)
     was_training = model.training
     model.eval()
 
@@ -289,31 +302,11 @@ def train_level(
         total = sum(loss_on(idx) * len(idx) for idx in val.split(CHUNK))
         return float(total) / len(val)
 
-    best = initial = val_loss()
-    best_state = [p.detach().clone() for p in params]
-    best_epoch = waited = epochs_run = 0
-    bar = tqdm(range(settings.epochs), desc=desc, file=sys.stderr, mininterval=5.0, leave=False)
     try:
-        for epoch in bar:
-            shuffled = train[torch.randperm(len(train), generator=generator).to(train.device)]
-            for idx in shuffled.split(BATCH_SIZE):
-                optimizer.zero_grad(set_to_none=True)
-                loss_on(idx).backward()
-                optimizer.step()
-            epochs_run = epoch + 1
-            current = val_loss()
-            bar.set_postfix(val=f"{current:.4g}", refresh=False)
-            if current < best:
-                best, best_epoch, waited = current, epochs_run, 0
-                best_state = [p.detach().clone() for p in params]
-            else:
-                waited += 1
-                if waited >= PATIENCE:
-                    break
+        if settings.epochs == 0:
+            initial = val_loss()
+            return LevelResult(initial, initial, 0, 0)
+        fitted = fit(params, loss_on, train, val_loss, _level_fit(settings), generator, desc=desc)
     finally:
-        bar.close()
         model.train(was_training)
-    with torch.no_grad():
-        for p, kept in zip(params, best_state, strict=True):
-            p.copy_(kept)
-    return LevelResult(initial, best, epochs_run, best_epoch)
+    return LevelResult(fitted.initial_val_loss, fitted.best_val_loss, fitted.epochs_run, fitted.best_epoch)

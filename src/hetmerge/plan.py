@@ -71,6 +71,7 @@ class Row:
     choice: dict[str, Any] | None
     precomputed: tuple[str, ...]
     uses_statistics: bool
+    uses_few_shot: bool
     scored_from_predictions: bool
 
 
@@ -134,6 +135,7 @@ class Planner:
             choice=None if choice is None else as_dict(choice),
             precomputed=method.precomputed_inputs(),
             uses_statistics=method.uses_statistics,
+            uses_few_shot=method.uses_few_shot,
             scored_from_predictions=method.scored_from_predictions,
         )
 
@@ -151,6 +153,11 @@ class Planner:
         for key in exp["methods"]:
             if key not in self.rows:
                 raise ConfigError(f"experiments.{name}.methods: unknown method {key!r}")
+            if self.rows[key].uses_few_shot and exp.get("few_shot") is None:
+                raise ConfigError(
+                    f"experiments.{name}.few_shot: row {key!r} learns from each task's few-shot slice; set the "
+                    "original images per task (few_shot: 16, say)"
+                )
             self._check_merge(name, key, nets)
         for key in exp["lambda_sweep"]:
             if key not in exp["methods"] or "lambda_curve" not in self.rows[key].analyses:
@@ -333,6 +340,11 @@ class Planner:
             "eval_batch_size": self.compute["eval_batch_size"],
             "curve_values": curve_values,
         }
+        if row.uses_few_shot:
+            exp = self.config["experiments"][experiment]
+            args["few_shot"] = {"originals": exp["few_shot"], **self.config["split"]["few_shot"]}
+            if exp.get("aug_factor") is not None:
+                args["few_shot"]["aug_factor"] = exp["aug_factor"]
         job: dict[str, Any] = {"split": split, "models": models, "args": args}
         if row.uses_statistics:
             job["stats"] = self.statistics(experiment, seed)
@@ -420,6 +432,7 @@ class Planner:
             "group": exp.get("group", name),
             "setting": exp["setting"],
             "n_models": len(archs),
+            "few_shot": exp.get("few_shot"),
             "models": list(archs),
             "model_labels": [self.config["architectures"][a].get("label", a) for a in archs],
             "rows": rows,

@@ -12,6 +12,14 @@ from hetmerge.data.datasets import (
     load_prepared,
     save_prepared,
 )
+from hetmerge.data.few_shot import (
+    FewShot,
+    TaskImages,
+    assemble_few_shot,
+    augment_copies,
+    draw_few_shot,
+    few_shot_indices,
+)
 from hetmerge.data.splits import (
     SAME_TASK_KINDS,
     SAME_TASK_NAME,
@@ -32,10 +40,16 @@ __all__ = [
     "DatasetCorruptError",
     "DatasetInfo",
     "DatasetUnavailableError",
+    "FewShot",
     "ImageDataset",
     "Task",
+    "TaskImages",
     "TaskSplit",
+    "assemble_few_shot",
+    "augment_copies",
     "dataset_info",
+    "draw_few_shot",
+    "few_shot_indices",
     "iterate_batches",
     "load_dataset",
     "load_prepared",

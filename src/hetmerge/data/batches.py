@@ -54,9 +54,10 @@ def make_label_map(label_map: Mapping[int, int], num_classes: int) -> torch.Tens
 
 
 def _random_crop_flip(
-    batch: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator | None
+    batch: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator | None, mode: str = "constant"
 ) -> torch.Tensor:
-    """Random crop of the original size from the zero-padded batch, plus optional horizontal flip.
+    """Random crop of the original size from the batch padded by `F.pad`'s `mode` (zeros by default; FS-Merge's
+    few-shot augmentation reflects), plus optional horizontal flip.
 
     One gather serves the whole batch: every image gets its own row and column index windows (columns
     reversed for flipped images), so there is no per-image Python loop.
@@ -68,7 +69,7 @@ def _random_crop_flip(
     if hflip:
         flip = (torch.rand(n, generator=generator) < 0.5).to(batch.device)
         cols = torch.where(flip[:, None], cols.flip(1), cols)
-    padded = F.pad(batch, (padding, padding, padding, padding))
+    padded = F.pad(batch, (padding, padding, padding, padding), mode=mode)
     picked = padded[torch.arange(n, device=batch.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
     return picked.permute(0, 3, 1, 2)  # advanced indexing puts the (n, h, w) index dims first
 

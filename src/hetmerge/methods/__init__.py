@@ -2,7 +2,9 @@
 
 from hetmerge.methods import (
     average,
+    distill,
     ensemble,
+    fs_merge,
     hetero,
     hf,
     kf,
@@ -11,6 +13,7 @@ from hetmerge.methods import (
     mudsc,
     otfusion,
     permute,
+    regmean,
     weight_matching,
     zipit,
 )
@@ -44,8 +47,10 @@ __all__ = [
     "Precompute",
     "average",
     "build_method",
+    "distill",
     "ensemble",
     "first_best",
+    "fs_merge",
     "hetero",
     "hf",
     "kf",
@@ -56,6 +61,7 @@ __all__ = [
     "permute",
     "register",
     "register_precompute",
+    "regmean",
     "weight_matching",
     "zipit",
 ]

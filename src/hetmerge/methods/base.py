@@ -19,12 +19,14 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from hetmerge.batchnorm import reset_batchnorm
 from hetmerge.compatibility import first_names, nonfinite
+from hetmerge.data.few_shot import FewShot
 from hetmerge.merged import MergedModel
 from hetmerge.models import MultiTaskNet
 from hetmerge.params import ParameterError, parse_params
@@ -98,7 +100,9 @@ class MergeContext:
     class c's training data (each column sums to 1), where the models were trained on partitions of one task.
     Methods record what they chose, and why, in `notes`; the merge's metadata keeps it. `precomputed` holds the
     inputs the method declares in `MergeMethod.precomputed`, as their `PRECOMPUTE` function returned them (a method
-    computes what is missing itself).
+    computes what is missing itself). `few_shot` is the task-tagged few-shot slice of the merges that learn
+    (FS-Merge, distillation, RegMean); `state_dir` is where their training saves its state every epoch, so that an
+    interrupted merge resumes (None: nothing is saved).
     """
 
     device: torch.device
@@ -110,6 +114,8 @@ class MergeContext:
     score: Callable[[MergedModel], float] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     precomputed: dict[str, Any] = field(default_factory=dict)
+    few_shot: FewShot | None = None
+    state_dir: Path | None = None
 
     def statistics(self, models: Sequence[MultiTaskNet]) -> dict[str, SpaceStats]:
         """Activation statistics of every space (given, e.g. by the pipeline's statistics stage, or computed)."""
@@ -133,6 +139,14 @@ class MergeContext:
             raise MergeError(f"{why} needs data from the merge slice, but no data was given")
         return self.batches
 
+    def require_few_shot(self, why: str) -> FewShot:
+        if self.few_shot is None:
+            raise MergeError(
+                f"{why} needs the few-shot slice of every task (images tagged with their task, and held-out images "
+                "for the validation loss), but none was given"
+            )
+        return self.few_shot
+
     def require_labelled(self, why: str) -> Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]:
         if self.labelled is None:
             raise MergeError(
@@ -153,6 +167,7 @@ class MergeMethod(abc.ABC):
     precomputed: ClassVar[tuple[str, ...]] = ()  # inputs (names in PRECOMPUTE) it always reads from ctx.precomputed
     scored_from_predictions: ClassVar[bool] = False  # scored from its members' stored test predictions, not merged
     same_task: ClassVar[bool] = False  # fuses models of one task over one label space (require_same_task)
+    uses_few_shot: ClassVar[bool] = False  # learns from each task's few-shot slice (ctx.few_shot), whose size it names
 
     def __init__(self, params: MethodParams) -> None:
         self.params = params

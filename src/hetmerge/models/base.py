@@ -52,6 +52,13 @@ class MultiTaskNet(nn.Module, abc.ABC):
             "cannot take part in heterogeneous-depth merging"
         )
 
+    def scaled_spec(self, factor: float) -> Any:
+        """The spec of this architecture with every feature space ⌊width·factor⌋ wide (FS-Merge's comp_factor)."""
+        raise NotImplementedError(
+            f"architecture family {self.family!r} ({type(self).__name__}) cannot be rebuilt at another width; "
+            "merge it at its own width (comp_factor 1)"
+        )
+
     def space_graph(self) -> SpaceGraph:
         consumers = tuple(AxisRef(f"heads.{task}.weight", 1) for task in self.heads)
         return self.body_spaces(consumers)

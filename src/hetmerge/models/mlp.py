@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -32,6 +33,12 @@ class MLP(MultiTaskNet):
             body.add_module(f"fc{i}", DenseUnit(d_in, d_out, self.spec.batch_norm))
             d_in = d_out
         return body, d_in
+
+    def scaled_spec(self, factor: float) -> MLPSpec:
+        hidden = tuple(math.floor(h * factor) for h in self.spec.hidden)
+        if min(hidden) < 1:
+            raise ValueError(f"mlp: width factor {factor} leaves a layer of {self.spec.hidden} without units")
+        return dataclasses.replace(self.spec, hidden=hidden)
 
     def body_spaces(self, head_consumers: tuple[AxisRef, ...]) -> SpaceGraph:
         spaces = []

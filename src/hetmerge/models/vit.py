@@ -11,6 +11,8 @@ in one head, and heads must keep their pairing between the two, which the space 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -155,6 +157,15 @@ class ViT(MultiTaskNet):
         desc = super().describe()
         desc["spec"] = {k: v for k, v in desc["spec"].items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
         return desc
+
+    def scaled_spec(self, factor: float) -> ViTSpec:
+        """⌊width·factor⌋ wide, in whole heads; the MLP keeps its ratio to the width."""
+        width = math.floor(self.spec.width * factor)
+        if width < self.spec.heads or width % self.spec.heads:
+            raise ValueError(
+                f"vit: width factor {factor} gives width {width}, not a positive multiple of {self.spec.heads} heads"
+            )
+        return dataclasses.replace(self.spec, width=width)
 
     def body_spaces(self, head_consumers: tuple[AxisRef, ...]) -> SpaceGraph:
         """One residual stream; per block linked query/key and value/output head spaces, and the MLP hidden space.

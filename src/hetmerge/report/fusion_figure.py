@@ -10,11 +10,9 @@ fill up to three columns; more groups than three rows hold continue in a further
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import pandas as pd
@@ -23,19 +21,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from hetmerge.report.data import ReportData, dataset_label
-from hetmerge.report.figures import (
-    COLOURS,
-    MARKERS,
-    TEXT_WIDTH_IN,
-    figure_outputs,
-    figure_style,
-    legend_columns,
-    new_figure,
-    save_figure,
-)
+from hetmerge.report.figures import COLOURS, MARKERS, TEXT_WIDTH_IN
 from hetmerge.report.fusion_table import FusionGroup, fusion_groups
-from hetmerge.report.latex import Artifact, latex_escape
-from hetmerge.report.layout import Layout, Output, register_layout
+from hetmerge.report.grouped import GroupFigureLayout, Sheet, paged, panel_figure, sheet_seeds
+from hetmerge.report.latex import latex_escape
+from hetmerge.report.layout import register_layout
 
 STEM = "fusion_accuracy"
 IMPORTANCE_PARAM = "importance"
@@ -58,9 +48,6 @@ _METHOD_COLOURS = tuple(colour for colour in COLOURS if colour != "#000000")
 _ENSEMBLE = {"color": "#000000", "linestyle": "--"}
 _BEST_BASE = {"color": "0.55", "linestyle": (0, (1, 2.5))}
 """Sparser dots than DeepLIFT's, and grey: a reference, not a method."""
-_MAX_COLUMNS, _MAX_ROWS = 3, 3
-_PANEL_IN = 1.85
-_LEGEND_LINE_IN, _LEGEND_PAD_IN = 0.15, 0.2
 _TRIM = " ,;:-–(["
 """Trailing characters dropped from the label prefix shared by a method's rows ("KF, " → "KF")."""
 
@@ -132,29 +119,8 @@ def row_styles(groups: Sequence[FusionGroup]) -> dict[str, Style]:
     return styles
 
 
-@dataclass(frozen=True)
-class Sheet:
-    """One figure: up to _MAX_COLUMNS x _MAX_ROWS panels."""
-
-    stem: str
-    part: int
-    groups: tuple[FusionGroup, ...]
-
-
-def sheets(spec: Mapping[str, Any]) -> list[Sheet]:
-    groups = fusion_groups(spec)
-    size = _MAX_COLUMNS * _MAX_ROWS
-    parts = [tuple(groups[i : i + size]) for i in range(0, len(groups), size)]
-    if len(parts) == 1:
-        return [Sheet(STEM, 0, parts[0])]
-    return [Sheet(f"{STEM}_{k}", k, part) for k, part in enumerate(parts, start=1)]
-
-
-def grid(n_panels: int) -> tuple[int, int]:
-    """(rows, columns) of a sheet: as few rows as up to three columns allow, then as few columns as those rows
-    need (four panels: 2 x 2, not 3 + 1)."""
-    rows = math.ceil(n_panels / _MAX_COLUMNS)
-    return rows, math.ceil(n_panels / rows)
+def sheets(spec: Mapping[str, Any]) -> list[Sheet[FusionGroup]]:
+    return paged(STEM, fusion_groups(spec))
 
 
 def _group_frame(data: ReportData, group: FusionGroup) -> pd.DataFrame:
@@ -215,26 +181,19 @@ def _legend(styles: Mapping[str, Style], ensemble: str) -> tuple[list[Line2D], l
     return list(entries.values()), list(entries)
 
 
-def fusion_figure(data: ReportData, sheet: Sheet, styles: Mapping[str, Style]) -> Figure:
+def fusion_figure(data: ReportData, sheet: Sheet[FusionGroup], styles: Mapping[str, Style]) -> Figure:
     """The sheet's panels on a grid, the shared legend below them."""
-    rows, columns = grid(len(sheet.groups))
     ensembles = [row["label"] for group in sheet.groups for row in group.rows() if row["kind"] == "ensemble"]
     handles, labels = _legend(sheet_styles(styles, sheet), ensembles[0] if ensembles else "Ensemble")
-    n_columns = legend_columns(labels, TEXT_WIDTH_IN, 4)
-    legend_in = _LEGEND_PAD_IN + _LEGEND_LINE_IN * math.ceil(len(labels) / n_columns)
-    fig = new_figure(TEXT_WIDTH_IN, min(TEXT_WIDTH_IN, rows * _PANEL_IN + legend_in))
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        if k >= len(sheet.groups):
-            ax.remove()
-            continue
-        _draw_panel(ax, data, sheet.groups[k], styles)
-        if k % columns == 0:
-            ax.set_ylabel("Test accuracy (%)")
-        if k + columns >= len(sheet.groups):
-            ax.set_xlabel("Models fused (N)")
-    fig.legend(handles, labels, loc="outside lower center", ncol=n_columns, columnspacing=1.0, handlelength=2.5)
-    return fig
+    return panel_figure(
+        sheet,
+        lambda ax, group: _draw_panel(ax, data, group, styles),
+        handles,
+        labels,
+        width=TEXT_WIDTH_IN,
+        ylabel="Test accuracy (%)",
+        xlabel="Models fused (N)",
+    )
 
 
 def _keys(group: FusionGroup) -> set[str]:
@@ -247,64 +206,41 @@ def drawn_importances(styles: Mapping[str, Style]) -> list[str]:
     return [importance for importance in IMPORTANCE_STYLES if importance in present] if len(present) > 1 else []
 
 
-def sheet_styles(styles: Mapping[str, Style], sheet: Sheet) -> dict[str, Style]:
+def sheet_styles(styles: Mapping[str, Style], sheet: Sheet[FusionGroup]) -> dict[str, Style]:
     """The styles of the rows drawn on `sheet`."""
     keys = set().union(*(_keys(group) for group in sheet.groups))
     return {key: style for key, style in styles.items() if key in keys}
 
 
-def _caption(section: str, sheet: Sheet, styles: Mapping[str, Style], data: ReportData) -> str:
-    keys = [experiment["key"] for group in sheet.groups for experiment in group.experiments]
-    n_pairs = data.frame.loc[data.frame["arch"].isin(keys), "n_pairs"]
-    low, high = int(n_pairs.min()), int(n_pairs.max())
-    seeds = "a single seed" if high == 1 else f"mean $\\pm$ std over {low if low == high else f'{low}--{high}'} seeds"
-    importances = drawn_importances(sheet_styles(styles, sheet))
-    style_text = (
-        "; line style: its neuron importance ("
-        + ", ".join(f"{IMPORTANCE_STYLES[i].described} {IMPORTANCE_STYLES[i].name}" for i in importances)
-        + ")"
-        if importances
-        else ""
-    )
-    part = f" (part {sheet.part})" if sheet.part else ""
-    return (
-        rf"{latex_escape(section)}, same-task fusion{part}: test accuracy (\%) against the number of models fused N, "
-        f"{seeds} (bars: std). One panel per architecture and data setting. Colour and marker: the method"
-        f"{latex_escape(style_text)}. Dashed black: the ensemble (members' class probabilities weighted by their "
-        "share of the class's training data); dotted grey: the best individual model's mean at each N. A lone "
-        "marker: a row run at one N only."
-    )
-
-
 @register_layout
-class FusionFigure(Layout):
+class FusionFigure(GroupFigureLayout[FusionGroup, dict[str, Style]]):
     """Accuracy against N for every fusion group, references included."""
 
     name = "fusion_figure"
+    subcategory = "Same-task fusion"
 
-    def outputs(self, spec: Mapping[str, Any]) -> list[Output]:
-        labels = {"dataset": dataset_label(spec)}
-        return [
-            output
-            for sheet in sheets(spec)
-            for output in figure_outputs(
-                sheet.stem,
-                "fusion_figure.rst",
-                "Same-task fusion",
-                {**labels, "part": str(sheet.part)} if sheet.part else labels,
-            )
-        ]
+    def sheets(self, spec: Mapping[str, Any]) -> list[Sheet[FusionGroup]]:
+        return sheets(spec)
 
-    def write(self, data: ReportData, out_dir: Path) -> list[Artifact]:
-        section = dataset_label(data.spec)
-        all_sheets = sheets(data.spec)
-        styles = row_styles([group for sheet in all_sheets for group in sheet.groups])
-        artifacts = []
-        for sheet in all_sheets:
-            with figure_style():
-                pdf, png = save_figure(fusion_figure(data, sheet, styles), out_dir, sheet.stem)
-            label = f"fig:{sheet.stem.replace('_', '-')}"
-            artifacts.append(
-                Artifact("figure", section, pdf, (pdf, png), _caption(section, sheet, styles, data), label)
-            )
-        return artifacts
+    def styles(self, groups: Sequence[FusionGroup]) -> dict[str, Style]:
+        return row_styles(groups)
+
+    def figure(self, data: ReportData, sheet: Sheet[FusionGroup], styles: dict[str, Style]) -> Figure:
+        return fusion_figure(data, sheet, styles)
+
+    def caption(self, data: ReportData, sheet: Sheet[FusionGroup], styles: dict[str, Style]) -> str:
+        importances = drawn_importances(sheet_styles(styles, sheet))
+        style_text = (
+            "; line style: its neuron importance ("
+            + ", ".join(f"{IMPORTANCE_STYLES[i].described} {IMPORTANCE_STYLES[i].name}" for i in importances)
+            + ")"
+            if importances
+            else ""
+        )
+        return (
+            rf"{latex_escape(dataset_label(data.spec))}, same-task fusion{sheet.part_text}: test accuracy (\%) against "
+            f"the number of models fused N, {sheet_seeds(data, sheet)} (bars: std). One panel per architecture and "
+            f"data setting. Colour and marker: the method{latex_escape(style_text)}. Dashed black: the ensemble "
+            "(members' class probabilities weighted by their share of the class's training data); dotted grey: the "
+            "best individual model's mean at each N. A lone marker: a row run at one N only."
+        )

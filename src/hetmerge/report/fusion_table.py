@@ -9,27 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from hetmerge.atomic import atomic_open
-from hetmerge.report.aggregate import STATS
-from hetmerge.report.data import ReportData, dataset_label, experiments_of, report_labels, slug
-from hetmerge.report.latex import Artifact
-from hetmerge.report.layout import Layout, Output, register_layout
+from hetmerge.report.data import ReportData
+from hetmerge.report.grouped import ExperimentGroup, GroupTableLayout, experiment_groups, group_frame, seeds_text
+from hetmerge.report.layout import register_layout
 from hetmerge.report.tables import (
     DASH,
-    TABLE_DIR,
     Table,
     best_merges,
     experiment_rows,
     format_accuracy,
     table_caption,
-    table_outputs,
     unique_labels,
-    write_tables,
 )
 
 LAYOUT = "fusion"
@@ -42,37 +36,32 @@ SETTINGS = {
 """Data setting of a fusion experiment → (its name in titles, what each model trains on)."""
 METRICS = ("joint", "f1")
 """Written to the CSV: test accuracy and macro F1 (the table shows accuracy, as the paper does)."""
-ID_COLUMNS = (
-    "dataset",
-    "group",
-    "experiment",
-    "n_models",
-    "setting",
-    "arch_label",
-    "method",
-    "label",
-    "kind",
-    "n_pairs",
-)
-"""Leading columns of a group's CSV; `<metric>_{mean,std,n}` follow for each of METRICS."""
 
 
 @dataclass(frozen=True)
-class FusionGroup:
+class FusionGroup(ExperimentGroup):
     """The experiments of one fusion table, by number of models, with the union of their rows."""
 
-    key: str
-    arch: str
-    setting: str
-    experiments: tuple[Mapping[str, Any], ...]
+    layout = LAYOUT
+    what = "fusion"
+    order = ("n_models", "N")
+    alike = ("setting", "settings", "setting")
+
+    @classmethod
+    def check(cls, experiment: Mapping[str, Any]) -> None:
+        if experiment.get("setting") not in SETTINGS:
+            raise ValueError(
+                f"fusion experiment {experiment['key']!r} has setting {experiment.get('setting')!r}, "
+                f"not one of {list(SETTINGS)}"
+            )
+
+    @property
+    def setting(self) -> str:
+        return str(self.experiments[0]["setting"])
 
     @property
     def title(self) -> str:
         return f"{self.arch}, {SETTINGS[self.setting][0]}"
-
-    @property
-    def stem(self) -> str:
-        return f"{LAYOUT}_{slug(self.key)}"
 
     def rows(self) -> list[Mapping[str, Any]]:
         """Every row of the group once: the individual models first, then the others as first seen in
@@ -94,40 +83,7 @@ def fusion_groups(spec: Mapping[str, Any]) -> list[FusionGroup]:
     Raises ValueError naming the experiment for a setting without a name, a model count that disagrees with its
     models, or a group whose experiments differ in setting or repeat an N (two columns would read alike).
     """
-    found: dict[str, list[Mapping[str, Any]]] = {}
-    for experiment in experiments_of(spec, LAYOUT):
-        key = experiment["key"]
-        if experiment.get("setting") not in SETTINGS:
-            raise ValueError(
-                f"fusion experiment {key!r} has setting {experiment.get('setting')!r}, not one of {list(SETTINGS)}"
-            )
-        n_models = experiment.get("n_models")
-        if not isinstance(n_models, int) or n_models != len(experiment["models"]):
-            raise ValueError(
-                f"fusion experiment {key!r} has n_models {n_models!r} but {len(experiment['models'])} models"
-            )
-        found.setdefault(str(experiment["group"]), []).append(experiment)
-    groups = []
-    for key, members in found.items():
-        settings = sorted({experiment["setting"] for experiment in members})
-        if len(settings) > 1:
-            raise ValueError(f"fusion group {key!r} mixes the settings {settings}: one table per setting")
-        counts = [experiment["n_models"] for experiment in members]
-        if len(set(counts)) != len(counts):
-            raise ValueError(f"fusion group {key!r} has several experiments of the same N: {sorted(counts)}")
-        arch = " / ".join(dict.fromkeys(label for experiment in members for label in experiment["model_labels"]))
-        ordered = tuple(sorted(members, key=lambda experiment: experiment["n_models"]))
-        groups.append(FusionGroup(key, arch, settings[0], ordered))
-    return groups
-
-
-def seeds_text(n_pairs: pd.Series) -> str:
-    """Caption fragment saying over how many seeds (each a partition of the data and its N models) cells are."""
-    low, high = int(n_pairs.min()), int(n_pairs.max())
-    if high == 1:
-        return "from a single seed"
-    count = str(high) if low == high else f"{low}–{high}"
-    return f"mean ± std over {count} seeds (a seed draws the partition and trains its models)"
+    return experiment_groups(spec, FusionGroup)
 
 
 def families(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -145,26 +101,19 @@ def fusion_table(data: ReportData, group: FusionGroup) -> tuple[Table, pd.DataFr
     """The group's table and its CSV frame (one row per experiment and row, in table order by experiment)."""
     spec_rows = group.rows()
     keys = [row["key"] for row in spec_rows]
-    cells, bold, frames = {}, {}, []
-    for experiment in group.experiments:
-        rows = experiment_rows(data, experiment)
+    rows_of = [experiment_rows(data, experiment) for experiment in group.experiments]
+    cells, bold = {}, {}
+    for experiment, rows in zip(group.experiments, rows_of, strict=True):
         by_key = rows.set_index("method")
         text = format_accuracy(by_key["joint_mean"], by_key["joint_std"], by_key["joint_n"])
         cells[column(experiment)] = text.reindex(keys, fill_value=DASH)
         bold[column(experiment)] = best_merges(by_key, "joint").reindex(keys, fill_value=False)
-        frames.append(
-            rows.assign(
-                group=group.key,
-                experiment=experiment["key"],
-                n_models=experiment["n_models"],
-                setting=experiment["setting"],
-            )
-        )
     index = pd.MultiIndex.from_arrays([[""] * len(keys), unique_labels(spec_rows)], names=["block", "row"])
     family = pd.Series(families(spec_rows))
     rules = (family != family.shift()) & (family.index > 0)
-    all_rows = pd.concat(frames, ignore_index=True)
-    description, seeds = SETTINGS[group.setting][1], seeds_text(all_rows["n_pairs"])
+    frame = group_frame(group, rows_of, ("n_models", "setting"), METRICS)
+    description = SETTINGS[group.setting][1]
+    seeds = seeds_text(frame["n_pairs"], " (a seed draws the partition and trains its models)")
     caption = table_caption(
         data,
         group.title,
@@ -181,42 +130,18 @@ def fusion_table(data: ReportData, group: FusionGroup) -> tuple[Table, pd.DataFr
         bold=pd.DataFrame(bold).set_axis(index),
         rules=rules.set_axis(index),
     )
-    columns = [f"{metric}_{stat}" for metric in METRICS for stat in STATS]
-    return table, all_rows.reindex(columns=[*ID_COLUMNS, *columns])
-
-
-def _labels(group: FusionGroup) -> dict[str, str]:
-    return {"group": group.key, "experiments": "; ".join(experiment["label"] for experiment in group.experiments)}
+    return table, frame
 
 
 @register_layout
-class FusionTable(Layout):
+class FusionTable(GroupTableLayout[FusionGroup]):
     name = "fusion_table"
     table = LAYOUT
     summarised = False  # a group's table sets its N side by side: the summaries would only repeat it
+    subcategory = "Same-task fusion"
 
-    def outputs(self, spec: Mapping[str, Any]) -> list[Output]:
-        outputs = []
-        for group in fusion_groups(spec):
-            outputs += table_outputs(group.stem, "fusion_table.rst", "Same-task fusion", _labels(group))
-            outputs.append(
-                Output(
-                    f"{TABLE_DIR}/{group.stem}.csv",
-                    "fusion_csv.rst",
-                    "Data",
-                    "Same-task fusion",
-                    report_labels(**_labels(group)),
-                )
-            )
-        return outputs
+    def groups(self, spec: Mapping[str, Any]) -> list[FusionGroup]:
+        return fusion_groups(spec)
 
-    def write(self, data: ReportData, out_dir: Path) -> list[Artifact]:
-        artifacts = []
-        for group in fusion_groups(data.spec):
-            table, frame = fusion_table(data, group)
-            tex, page = write_tables(out_dir, group.stem, [table], title=group.title)
-            csv = Path(out_dir) / TABLE_DIR / f"{group.stem}.csv"
-            with atomic_open(csv) as handle:
-                frame.to_csv(handle, index=False, lineterminator="\n")
-            artifacts.append(Artifact("table", dataset_label(data.spec), tex, (tex, page, csv)))
-        return artifacts
+    def group_table(self, data: ReportData, group: FusionGroup) -> tuple[Table, pd.DataFrame]:
+        return fusion_table(data, group)
