@@ -4,12 +4,14 @@
 
 - superlayer: one `SuperLayer` (N frozen Linear(d → d) or Conv2d(c → c, 3×3) between an unmerge map U and a merge map
   M, `diagonal_and_low_rank` maps of rank 12 started at random) forward and backward on a batch (`--batch` rows for
-  Linear; `--conv-batch` maps of `--conv-size`² for Conv2d): Linear is one einsum batched over the models, Conv2d one
-  grouped convolution. The reference (`reference_forward`) applies U, runs each model's own nn.Linear/nn.Conv2d
-  module on its chunk in a loop, concatenates and applies M. `models_*` time the models' part alone (no maps, every
-  model reads the batch): the batched einsum or grouped conv against the loop over the modules. `same`: the outputs
-  and the gradients of the input and of every map parameter, and the models' part's output and input gradient, are
-  allclose.
+  Linear; `--conv-batch` maps of `--conv-size`² for Conv2d). `fast` is the layer as FS-Merge trains it: through its
+  folded weight Mᵀ·blockdiag(W)·Uᵀ, composed (differentiably) every step; `explicit` the paper's way, which
+  `SuperLayer.explicit` computes: U, the N models' layers on N·d units (Linear one einsum batched over the models,
+  Conv2d one grouped convolution), M. The reference (`reference_forward`) applies U, runs each model's own
+  nn.Linear/nn.Conv2d module on its chunk in a loop, concatenates and applies M. `models_*` time the models' part
+  alone (no maps, every model reads the batch): the batched einsum or grouped conv against the loop over the
+  modules. `same`: the outputs and the gradients of the input and of every map parameter (fast and explicit against
+  the reference), and the models' part's output and input gradient, are allclose.
 - fold: `SuperLayer.folded()` (one einsum) against `reference_fold`, the textbook W' = Mᵀ·blockdiag(W₁…W_N)·Uᵀ
   (`torch.block_diag`, one product per kernel tap of a conv); `same`: weight and bias allclose.
 - grams: RegMean's `input_grams` (forward pre-hooks that fold each chunk of a layer's input rows into its float64
@@ -138,6 +140,9 @@ def bench_superlayer(kind: str, n: int, width: int, args: argparse.Namespace) ->
     def fast() -> list[torch.Tensor]:
         return forward_backward(layer, x, cotangent, params)
 
+    def explicit() -> list[torch.Tensor]:
+        return forward_backward(layer.explicit, x, cotangent, params)
+
     def reference() -> list[torch.Tensor]:
         return forward_backward(lambda h: reference_forward(layer, sources, h), x, cotangent, params)
 
@@ -147,14 +152,19 @@ def bench_superlayer(kind: str, n: int, width: int, args: argparse.Namespace) ->
     wide = torch.cat([cotangent] * n, dim)
 
     def models_fast() -> list[torch.Tensor]:
-        return forward_backward(bare, x, wide, [])
+        return forward_backward(bare.per_model, x, wide, [])
 
     def models_reference() -> list[torch.Tensor]:
         return forward_backward(lambda h: torch.cat([s(h) for s in sources], dim), x, wide, [])
 
     fast_s, reference_s = best_time(fast, args.repeats), best_time(reference, args.repeats)
+    explicit_s = best_time(explicit, args.repeats)
     models_fast_s, models_reference_s = best_time(models_fast, args.repeats), best_time(models_reference, args.repeats)
-    pairs = [*zip(fast(), reference(), strict=True), *zip(models_fast(), models_reference(), strict=True)]
+    pairs = [
+        *zip(fast(), reference(), strict=True),
+        *zip(explicit(), reference(), strict=True),
+        *zip(models_fast(), models_reference(), strict=True),
+    ]
     same = all(close(a, b) for a, b in pairs)
     return {
         "layer": kind,
@@ -164,6 +174,8 @@ def bench_superlayer(kind: str, n: int, width: int, args: argparse.Namespace) ->
         "fast_s": fast_s,
         "reference_s": reference_s,
         "ratio": reference_s / fast_s,
+        "explicit_s": explicit_s,
+        "explicit_ratio": reference_s / explicit_s,
         "models_fast_s": models_fast_s,
         "models_reference_s": models_reference_s,
         "models_ratio": models_reference_s / models_fast_s,

@@ -47,8 +47,10 @@ def test_first_init_computes_model_0(make_model, randomize_bn, family, kind, n):
     net = supernet(models, kind)
     x = torch.randn(6, *models[0].input_shape)
     with torch.no_grad():
-        torch.testing.assert_close(net.net.body(x), models[0].body(x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(net.net(x)["A"], models[0](x)["A"], rtol=1e-5, atol=1e-5)
+        for mode in ("explicit", "folded"):
+            with net.computing(mode):
+                torch.testing.assert_close(net.net.body(x), models[0].body(x), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(net.net(x)["A"], models[0](x)["A"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -62,11 +64,38 @@ def test_folded_model_computes_what_the_supernet_computes(make_model, randomize_
     assert set(folded.heads) == {"A", "B"}
     x = torch.randn(6, *models[0].input_shape)
     with torch.no_grad():
-        want, got = net.net(x), folded(x)
+        with net.computing("explicit"):  # the paper's SuperNet: N copies of every layer between its maps
+            want = net.net(x)
+        with net.computing("folded"):
+            fused = net.net(x)
+        got = folded(x)
     for task in want:
         scale = want[task].abs().max()
         assert scale > 1e-3  # the maps really moved the function away from zero
         torch.testing.assert_close(got[task], want[task], rtol=1e-4, atol=1e-5 * float(scale))
+        torch.testing.assert_close(fused[task], want[task], rtol=1e-4, atol=1e-5 * float(scale))
+
+
+@pytest.mark.parametrize("family", ["mlp", "vit"])
+def test_training_through_the_folded_weights_has_the_explicit_gradients(make_model, randomize_bn, family):
+    models = models_of(make_model, randomize_bn, family)
+    net = supernet(models, init="average")
+    perturb(net)
+    x = torch.randn(4, *models[0].input_shape)
+    grads = []
+    for mode in ("explicit", "folded"):
+        with net.computing(mode):
+            loss = sum(v.square().mean() for v in net.net(x).values())
+        grads.append(torch.autograd.grad(loss, net.trainable()))
+    for g_explicit, g_fused in zip(*grads, strict=True):
+        torch.testing.assert_close(g_fused, g_explicit, rtol=1e-4, atol=1e-6)
+
+
+def test_each_batch_takes_the_cheaper_computation(make_model, randomize_bn):
+    """A ViT's many token rows make the folded weight cheaper; a wide layer on a handful of rows the explicit path."""
+    vit = supernet(models_of(make_model, randomize_bn, "vit"))
+    qkv = vit.net.body.block0.attn.q
+    assert qkv._folding_is_cheaper(torch.zeros(64, 5, 16)) and not qkv._folding_is_cheaper(torch.zeros(1, 1, 16))
 
 
 def test_the_source_weights_stay_frozen(make_model, randomize_bn):
@@ -131,7 +160,7 @@ def test_narrower_merge_folds_exactly(make_model, randomize_bn, family):
     widths = [s.width for s in folded.space_graph().spaces]
     assert widths == [s.width // 2 for s in models[0].space_graph().spaces]
     x = torch.randn(4, *models[0].input_shape)
-    with torch.no_grad():
+    with torch.no_grad(), net.computing("explicit"):
         torch.testing.assert_close(folded(x)["B"], net.net(x)["B"], rtol=1e-4, atol=1e-5)
 
 

@@ -12,6 +12,12 @@ Parameters that write a space without being a layer (a class token, positional e
 of the merged width are learned (initialised from model 0 or the average); each task's head reads its model's
 features through a one-model U (the paper's U_output, folded into the head here).
 
+A SuperLayer computes either way: `explicit`ly, as the paper's SuperNet (N·d-wide copies between U and M), or
+through its folded weight, composed differentiably every step; whichever costs fewer multiply-adds for the batch (a
+ViT's many token rows favour the folded weight: a training step of the default ViT pair takes half the time). Both
+are the same function with the same gradients (tested), so training is the paper's either way; `SuperNet.computing`
+forces one.
+
 Maps are per layer, not per space: a reader and a writer of one space learn different maps, as the paper's
 U_att/M_o2 around every attention block. A map's rank scales with its space's width as the paper's hidden maps do
 (rank · D_h/d): rank · width / (width of the features the heads read).
@@ -19,8 +25,9 @@ U_att/M_o2 around every attention block. A map's rank scales with its space's wi
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +42,7 @@ from hetmerge.spaces import SpaceGraph
 MapKind = Literal["diagonal", "low_rank", "diagonal_and_low_rank", "full"]
 MapInit = Literal["first", "average", "random"]
 Direction = Literal["merge", "unmerge"]
+Computation = Literal["auto", "explicit", "folded"]
 
 LOW_RANK_FACTOR = 0.1  # the paper's scale of the low-rank factor that starts non-zero
 NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
@@ -154,6 +162,7 @@ class SuperLayer(nn.Module):
             None if biases[0] is None else torch.stack([b.detach() for b in biases]),  # type: ignore[union-attr]
         )
         self.merge, self.unmerge = merge, unmerge
+        self.mode: Computation = "auto"
 
     @property
     def unit_dim(self) -> int:
@@ -172,13 +181,39 @@ class SuperLayer(nn.Module):
             y = y + self.bias_stack
         return y.flatten(-2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def explicit(self, x: torch.Tensor) -> torch.Tensor:
+        """The SuperNet's layer as the paper computes it: U, the N models' own layers on N·d units, then M."""
         y = self.per_model(x)
         return y if self.merge is None else self.merge.transform(y, self.unit_dim)
 
-    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function, computed the cheaper way for this batch: U, the N layers and M are linear, so composing
+        them into the folded weight first costs one product of the weights per step and then one layer's work per
+        row (and holds no N·d-wide activations), where the explicit path costs N layers and two maps per row. Many
+        rows (a ViT's tokens) favour the folded weight, few rows of a wide layer the explicit path; both give the
+        same function and gradients (tested), and the choice depends on shapes only."""
+        if self.mode == "explicit" or (self.mode == "auto" and not self._folding_is_cheaper(x)):
+            return self.explicit(x)
+        state = self.folded()
+        if self.conv:
+            return F.conv2d(x, state["weight"], state.get("bias"), **self.options)
+        return F.linear(x, state["weight"], state.get("bias"))
+
+    def _folding_is_cheaper(self, x: torch.Tensor) -> bool:
+        """Whether composing the folded weight and applying it takes fewer multiply-adds than the explicit path."""
+        n, out, inp = self.weight_stack.shape[:3]
+        taps = self.weight_stack[0, 0, 0].numel()  # kernel positions of a convolution, 1 for a Linear
+        d_in = inp if self.unmerge is None else self.unmerge.merged
+        d_out = out if self.merge is None else self.merge.merged
+        rows = x.numel() // x.shape[self.unit_dim]
+        maps = (0 if self.unmerge is None else d_in * n * inp) + (0 if self.merge is None else n * out * d_out)
+        explicit = rows * (maps + n * inp * out * taps)
+        folding = n * out * inp * taps * (d_in + d_out) + rows * d_in * d_out * taps
+        return folding < explicit
+
     def folded(self) -> dict[str, torch.Tensor]:
-        """The one weight (and bias) that computes this layer in the merged widths: W' = Mᵀ·blockdiag(W)·Uᵀ."""
+        """The one weight (and bias) that computes this layer in the merged widths: W' = Mᵀ·blockdiag(W)·Uᵀ
+        (differentiable in the maps)."""
         w = self.weight_stack  # (N, out, in, *kernel)
         n, out, inp = w.shape[:3]
         merge = (
@@ -329,6 +364,19 @@ class SuperNet(nn.Module):
                 out = out.index_copy(0, rows, self.net.heads[task].unmerge.transform(merged[rows], -1))
         return out
 
+    @contextlib.contextmanager
+    def computing(self, mode: Computation) -> Iterator[None]:
+        """Run every layer the paper's way (`explicit`: N copies between U and M), through its folded weight
+        (`folded`), or whichever is cheaper for the batch (`auto`, the default)."""
+        layers = self.layers().values()
+        for layer in layers:
+            layer.mode = mode
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.mode = "auto"
+
     def trainable(self) -> list[nn.Parameter]:
         """What FS-Merge learns: every map and every merged norm (the source weights are buffers)."""
         return [p for name, p in self.net.named_parameters() if not name.endswith(".original")]
@@ -339,7 +387,7 @@ class SuperNet(nn.Module):
         current = self.net.state_dict()
         folded: dict[str, torch.Tensor] = {}
         for name, layer in self.layers().items():
-            folded.update({f"{name}.{k}": v for k, v in layer.folded().items()})
+            folded.update({f"{name}.{k}": v for k, v in layer.folded().items()})  # (fold runs without gradients)
         for name, module in self.net.named_modules():
             if parametrize.is_parametrized(module):
                 folded.update({f"{name}.{attr}": getattr(module, attr) for attr in module.parametrizations})

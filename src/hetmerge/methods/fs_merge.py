@@ -284,25 +284,28 @@ def training_memory(params: Sequence[nn.Parameter], loss: Callable[[], torch.Ten
     """Bytes one training step holds besides the data: the tensors autograd saves for the backward pass of one batch
     (each tensor once, by identity: device-independent, so a CPU run measures what a GPU run would hold), and the
     trainable state (parameters, gradients and AdamW's two moments)."""
-    saved: dict[int, int] = {}
+    saved: dict[int, torch.Tensor] = {}  # by identity; holding each one keeps its id from being reused
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[id(t)] = t.numel() * t.element_size()
+        saved[id(t)] = t
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss()
     state = sum(p.numel() * p.element_size() for p in params) * 4
-    activations = sum(saved.values())
+    activations = sum(t.numel() * t.element_size() for t in saved.values())
     return {"saved_activation_bytes": activations, "trainable_state_bytes": state, "total_bytes": activations + state}
 
 
 @torch.no_grad()
 def _fold_error(supernet: SuperNet, folded: MultiTaskNet, data: TaskImages) -> dict[str, float]:
-    """How far the folded network's logits are from the SuperNet's on the validation images (float rounding only)."""
+    """How far the folded network's logits are from the SuperNet's, computed the paper's way (N copies between the
+    maps), on the validation images: float rounding only."""
     worst = scale = 0.0
     for part in data.images.split(CHUNK):
-        want, got = supernet.net(part), folded(part)
+        with supernet.computing("explicit"):
+            want = supernet.net(part)
+        got = folded(part)
         for task in want:
             worst = max(worst, float((want[task] - got[task]).abs().max()))
             scale = max(scale, float(want[task].abs().max()))
