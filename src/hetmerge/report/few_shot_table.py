@@ -89,7 +89,8 @@ def few_shot_table(data: ReportData, group: FewShotGroup) -> tuple[Table, pd.Dat
         group.title,
         f"accuracy (%) of merging models trained from different initialisations on different tasks, "
         f"{seeds_text(frame['n_pairs'])}. One block per number of original training images per task that the merges "
-        "which learn get (unlabelled, with augmented copies). Columns: each task's accuracy (its images through its "
+        "which learn get (unlabelled, with augmented copies); the other merges use the held-out merge slice, "
+        "the same in every block. Columns: each task's accuracy (its images through its "
         "own head), their average, and the joint accuracy (every head's logits concatenated). Best merge per column "
         f"within each block in bold (base models and the ensemble are references and do not compete); {DASH}: no "
         "such number (a base model has no head for the other tasks).",
