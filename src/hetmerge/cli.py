@@ -273,11 +273,11 @@ def _few_shot(ds: Any, split: Any, args: argparse.Namespace, device: Any) -> Any
     generator = torch.Generator().manual_seed(args.seed)
     pools = {task.name: torch.tensor(split.train_indices[task.name]) for task in split.tasks}
     rows = few_shot_indices({t: len(p) for t, p in pools.items()}, args.few_shot, args.val_per_task, generator)
+    maps = {task.name: make_label_map(task.label_map, ds.num_classes) for task in split.tasks}
     images, labels = [], []
     for which in (0, 1):
         chosen = {t: pools[t][torch.tensor(rows[t][which], dtype=torch.int64)] for t in pools}
         images.append({t: normalize(ds.train_images[i], ds.mean, ds.std) for t, i in chosen.items()})
-        maps = {task.name: make_label_map(task.label_map, ds.num_classes) for task in split.tasks}
         labels.append({t: maps[t][ds.train_labels[i]] for t, i in chosen.items()})
     few = assemble_few_shot(images[0], images[1], args.aug_factor, generator, ds.mean, ds.std, labels[0], labels[1])
     return few.to(device)

@@ -263,10 +263,7 @@ def check_ranks(models: Sequence[MultiTaskNet], spec: MapSpec, comp_factor: floa
     """Without building the SuperNet: every map's rank fits (see `map_rank`)."""
     source = models[0].space_graph()
     merged = merged_skeleton(models[:1], comp_factor, dict(models[0].describe()["heads"])).space_graph()
-    reference = merged[source.names[0]].width
-    for space in source.spaces:
-        if any(ref.param.startswith("heads.") for ref in space.consumers):
-            reference = merged[space.name].width
+    reference = merged[head_space(merged)].width
     for space in source.spaces:
         map_rank(spec, space.name, space.width, merged[space.name].width, reference, len(models))
 
@@ -275,6 +272,11 @@ def merged_skeleton(models: Sequence[MultiTaskNet], comp_factor: float, heads: d
     """A fresh network of the models' family at the merged widths, with every task's head."""
     spec = models[0].spec if comp_factor == 1 else models[0].scaled_spec(comp_factor)
     return type(models[0])(spec, models[0].input_shape, heads)
+
+
+def head_space(graph: SpaceGraph) -> str:
+    """The feature space the task heads read, whose merged width the maps' ranks are scaled against."""
+    return next(s.name for s in graph.spaces if any(ref.param.startswith("heads.") for ref in s.consumers))
 
 
 def _owner_map(graph: SpaceGraph) -> dict[tuple[str, int], str]:
@@ -286,7 +288,7 @@ class SuperNet(nn.Module):
 
     `net` is the merged architecture with SuperLayers in place of its layers; `heads[t]` is task t's one-model
     unmerge map, and `owners[t]` the model whose features it reconstructs. `net.body(x)` gives the merged features,
-    `features(x)` each task's reconstruction of its model's features.
+    `reconstruct` each task's reconstruction of its model's features from them.
     """
 
     def __init__(
@@ -306,7 +308,7 @@ class SuperNet(nn.Module):
         net.to(device)
         source_graph, merged_graph = models[0].space_graph(), net.space_graph()
         owner = _owner_map(merged_graph)  # the merged net has every task's head; model 0's graph only its own
-        reference = merged_graph[owner[(f"heads.{next(iter(owners))}.weight", 1)]].width
+        reference = merged_graph[head_space(merged_graph)].width
         self.spec, self.source_graph, self.merged_graph = spec, source_graph, merged_graph
         self.n_models, self.reference, self.generator, self.device = len(models), reference, generator, device
         self.feature_dim = models[0].feature_dim

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 import torch
 
 from hetmerge.data.few_shot import TaskImages
+from hetmerge.levels import CHUNK as CHUNK  # re-exported: the merges that learn chunk their no-grad passes alike
+from hetmerge.levels import chunked
 from hetmerge.methods.base import MergeError
 from hetmerge.models import MultiTaskNet
-
-CHUNK = 256  # images per no-grad forward pass (memory, not results)
 
 
 def task_owners(method: str, models: Sequence[MultiTaskNet], names: Sequence[str]) -> tuple[int, ...]:
@@ -43,7 +43,7 @@ def owner_features(models: Sequence[MultiTaskNet], data: TaskImages, owners: Seq
         if not len(rows):
             continue
         model = models[owner]
-        feats = torch.cat([model.body(data.images[part]) for part in rows.split(CHUNK)])
+        feats = chunked(model.body, data.images[rows])
         if out is None:
             out = feats.new_zeros((len(data.images), *feats.shape[1:]))
         out[rows] = feats

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetmerge.data.few_shot import FewShot, TaskImages
+from hetmerge.levels import chunked
 from hetmerge.merged import MergedModel
 from hetmerge.methods.base import MergeContext, MergeError, MergeMethod, register
 from hetmerge.methods.learned import FitParams, fit_on_tasks
@@ -221,7 +222,7 @@ def _task_loss(
     def loss_for(data: TaskImages) -> Callable[[torch.Tensor], torch.Tensor]:
         targets = owner_features(models, data, owners)
         with torch.no_grad():
-            inputs = _chunked(lambda h: net.run_body(h, 0, start), data.images) if start else data.images
+            inputs = chunked(lambda h: net.run_body(h, 0, start), data.images) if start else data.images
 
         def loss_on(idx: torch.Tensor) -> torch.Tensor:
             merged = net.run_body(inputs[idx], start)
@@ -243,8 +244,8 @@ def _block_loss(
 
     def loss_for(data: TaskImages) -> Callable[[torch.Tensor], torch.Tensor]:
         with torch.no_grad():
-            inputs = _chunked(lambda h: net.run_body(h, 0, start), data.images)
-            wanted = torch.cat([_chunked(lambda h, m=m: m.run_body(h, 0, stop), data.images) for m in models], unit_dim)
+            inputs = chunked(lambda h: net.run_body(h, 0, start), data.images)
+            wanted = torch.cat([chunked(lambda h, m=m: m.run_body(h, 0, stop), data.images) for m in models], unit_dim)
 
         def loss_on(idx: torch.Tensor) -> torch.Tensor:
             return F.mse_loss(end.transform(net.run_body(inputs[idx], start, stop), unit_dim), wanted[idx])
@@ -259,9 +260,10 @@ def _restrict(data: TaskImages, models: Sequence[MultiTaskNet]) -> TaskImages:
     names = tuple(t for m in models for t in m.heads)
     if names == data.names:
         return data
-    keep = torch.isin(data.tasks, torch.tensor([data.names.index(t) for t in names], device=data.tasks.device))
+    kept = torch.tensor([data.names.index(t) for t in names], device=data.tasks.device)
+    keep = torch.isin(data.tasks, kept)
     remap = torch.full((len(data.names),), -1, dtype=torch.long, device=data.tasks.device)
-    remap[[data.names.index(t) for t in names]] = torch.arange(len(names), device=data.tasks.device)
+    remap[kept] = torch.arange(len(names), device=data.tasks.device)
     labels = None if data.labels is None else data.labels[keep]
     return TaskImages(data.images[keep], remap[data.tasks[keep]], names, labels)
 
@@ -274,10 +276,6 @@ def _blocks(net: MultiTaskNet) -> list[tuple[int, int]]:
         raise MergeError("local FS-Merge: the body holds no layer to merge")
     starts = [0, *opens[1:]]
     return list(zip(starts, [*starts[1:], len(net.body)], strict=True))
-
-
-def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([fn(part) for part in x.split(CHUNK)])
 
 
 def training_memory(params: Sequence[nn.Parameter], loss: Callable[[], torch.Tensor]) -> dict[str, int]:
