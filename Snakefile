@@ -11,7 +11,6 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-
 validate(config, "config/schema.yaml", set_default=True)
 
 

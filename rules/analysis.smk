@@ -7,22 +7,22 @@ rule landscape:
         merges=lambda wc: list(job("landscape")(wc)["merges"].values()),
     output:
         f"{RESULTS}/landscape/{{name}}.json",
+    log:
+        stage_log("landscape"),
+    benchmark:
+        stage_benchmark("landscape")
+    # long, and last before the report: started as soon as its merges exist, so no core idles at the end
+    priority: 2
+    conda:
+        "../envs/hetmerge.yaml"
+    threads: 1
+    resources:
+        gpu=GPU_SLOTS,
     params:
         args=field("landscape", "args"),
         rows=lambda wc: list(job("landscape")(wc)["merges"]),
         code=field("landscape", "code"),
         device=COMPUTE["device"],
-    threads: 1
-    # long, and last before the report: started as soon as its merges exist, so no core idles at the end
-    priority: 2
-    resources:
-        gpu=GPU_SLOTS,
-    conda:
-        "../envs/hetmerge.yaml"
-    log:
-        stage_log("landscape"),
-    benchmark:
-        stage_benchmark("landscape")
     shell:
         "python -m hetmerge landscape --data {input.data:q} --split {input.split:q} --models {input.models:q} "
         "--merges {input.merges:q} --keys {params.rows:q} --plane {params.args[plane]:q} "

@@ -6,19 +6,19 @@ rule statistics:
         models=field("statistics", "models"),
     output:
         f"{RESULTS}/stats/{{name}}.safetensors",
-    params:
-        args=field("statistics", "args"),
-        code=field("statistics", "code"),
-        device=COMPUTE["device"],
-    threads: 1
-    resources:
-        gpu=GPU_SLOTS,
-    conda:
-        "../envs/hetmerge.yaml"
     log:
         stage_log("statistics"),
     benchmark:
         stage_benchmark("statistics")
+    conda:
+        "../envs/hetmerge.yaml"
+    threads: 1
+    resources:
+        gpu=GPU_SLOTS,
+    params:
+        args=field("statistics", "args"),
+        code=field("statistics", "code"),
+        device=COMPUTE["device"],
     shell:
         "python -m hetmerge statistics --data {input.data:q} --split {input.split:q} --models {input.models:q} "
         "--batch-size {params.args[batch_size]:q} --device {params.device:q} --threads {threads} "
@@ -34,19 +34,19 @@ rule precompute:
         models=field("precompute", "models"),
     output:
         f"{RESULTS}/precomputed/{{name}}.json",
-    params:
-        args=field("precompute", "args"),
-        code=field("precompute", "code"),
-        device=COMPUTE["device"],
-    threads: 1
-    resources:
-        gpu=GPU_SLOTS,
-    conda:
-        "../envs/hetmerge.yaml"
     log:
         stage_log("precompute"),
     benchmark:
         stage_benchmark("precompute")
+    conda:
+        "../envs/hetmerge.yaml"
+    threads: 1
+    resources:
+        gpu=GPU_SLOTS,
+    params:
+        args=field("precompute", "args"),
+        code=field("precompute", "code"),
+        device=COMPUTE["device"],
     shell:
         "python -m hetmerge precompute --data {input.data:q} --split {input.split:q} --models {input.models:q} "
         "--name {params.args[name]:q} --batch-size {params.args[batch_size]:q} --device {params.device:q} "
@@ -60,21 +60,21 @@ rule merge:
     output:
         model=f"{RESULTS}/merges/{{name}}.safetensors",
         result=f"{RESULTS}/merges/{{name}}.json",
+    log:
+        stage_log("merge"),
+    benchmark:
+        stage_benchmark("merge")
+    conda:
+        "../envs/hetmerge.yaml"
+    threads: 1
+    resources:
+        gpu=GPU_SLOTS,
     params:
         args=field("merge", "args"),
         params=as_json("merge", "args", "params"),
         options=merge_options,
         code=field("merge", "code"),
         device=COMPUTE["device"],
-    threads: 1
-    resources:
-        gpu=GPU_SLOTS,
-    conda:
-        "../envs/hetmerge.yaml"
-    log:
-        stage_log("merge"),
-    benchmark:
-        stage_benchmark("merge")
     shell:
         "python -m hetmerge merge --data {input.data:q} --split {input.split:q} --models {input.models:q} "
         "--method {params.args[method]:q} --params {params.params:q} {params.options:q} "

@@ -6,14 +6,14 @@ rule report:
         REPORT["inputs"],
     output:
         [report_output(output) for output in REPORT["outputs"]],
+    log:
+        f"{RESULTS}/logs/report/{NAME}.log",
+    conda:
+        "../envs/hetmerge.yaml"
     params:
         spec=json.dumps(REPORT["spec"], sort_keys=True),
         code=REPORT["code"],
         folder=lambda wc, output: os.path.dirname(output[0]),  # main.tex comes first
-    conda:
-        "../envs/hetmerge.yaml"
-    log:
-        f"{RESULTS}/logs/report/{NAME}.log",
     shell:
         'python -m hetmerge report --plan "$HETMERGE_PLAN" --out-dir {params.folder:q} > {log:q} 2>&1'
 
@@ -24,12 +24,12 @@ rule paper_pdf:
         REPORT_FILES,
     output:
         f"{REPORT['folder']}/main.pdf",
-    params:
-        main=lambda wc, input: input[0],  # main.tex comes first
-    conda:
-        "../envs/hetmerge.yaml"
     log:
         f"{RESULTS}/logs/paper_pdf/{NAME}.log",
+    conda:
+        "../envs/hetmerge.yaml"
+    params:
+        main=lambda wc, input: input[0],  # main.tex comes first
     shell:
         # -cd: LaTeX runs in main.tex's folder, where its \input and \includegraphics paths start
         "latexmk -cd -pdf -interaction=nonstopmode -halt-on-error {params.main:q} > {log:q} 2>&1"

@@ -10,6 +10,17 @@ rule train:
     output:
         model=f"{RESULTS}/models/{{name}}.safetensors",
         result=f"{RESULTS}/models/{{name}}.json",
+    log:
+        stage_log("train"),
+    benchmark:
+        stage_benchmark("train")
+    # training first: everything else waits for models, and the long jobs must not be left for the end
+    priority: 1
+    conda:
+        "../envs/hetmerge.yaml"
+    threads: COMPUTE["train_threads"]
+    resources:
+        gpu=COMPUTE["train_gpus"],
     params:
         args=field("train", "args"),
         model=as_json("train", "args", "model"),
@@ -17,17 +28,6 @@ rule train:
         options=train_options,
         code=field("train", "code"),
         device=COMPUTE["device"],
-    threads: COMPUTE["train_threads"]
-    # training first: everything else waits for models, and the long jobs must not be left for the end
-    priority: 1
-    resources:
-        gpu=COMPUTE["train_gpus"],
-    conda:
-        "../envs/hetmerge.yaml"
-    log:
-        stage_log("train"),
-    benchmark:
-        stage_benchmark("train")
     shell:
         "python -m hetmerge train --data {input.data:q} --split {input.split:q} --task {params.args[task]:q} "
         "{params.options:q} --model {params.model:q} --train {params.train:q} --seed {params.args[seed]:q} "

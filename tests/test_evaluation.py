@@ -1,13 +1,19 @@
-"""Evaluation: task and joint accuracy on a hand-made case, parameter and MAC counts by hand."""
+"""Evaluation: task and joint accuracy on a hand-made case, parameter and MAC counts by hand and against the
+hand-written counter that `cost` used before FlopCounterMode, on every architecture and merged form."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from torch import nn
 
+from hetmerge.api import merge
 from hetmerge.data import ImageDataset, Task, TaskSplit
 from hetmerge.evaluation import accuracies, cost
-from hetmerge.merged import MergedModel
+from hetmerge.merged import MergedModel, UnitMap
+from hetmerge.models import build_model
 
 # 8 test images over 4 classes; image i has every pixel equal to i, so a fake model can tell them apart.
 LABELS = [0, 1, 2, 3, 0, 1, 2, 3]
@@ -115,3 +121,134 @@ def test_cost_of_a_tiny_vgg_by_hand(make_model):
     params = sum(c_in * c_out * 9 + 2 * c_out for _, c_in, c_out in layers) + 8 * 5 + 5
     assert (macs, params) == (3784, 2390)
     assert cost(model, (1, 8, 8)) == {"params": params, "flops": macs}
+
+
+def test_cost_of_a_784_16_10_mlp_by_hand(make_model):
+    model = make_model("mlp", {"hidden": [16], "batch_norm": False}, {"A": 10}, (1, 28, 28))
+    assert cost(model, (1, 28, 28)) == {"params": 784 * 16 + 16 + 16 * 10 + 10, "flops": 784 * 16 + 16 * 10}
+
+
+def _reference_macs(module: nn.Module, output: torch.Tensor) -> int:
+    per_sample_out = output[0].numel()
+    if isinstance(module, nn.Conv2d):
+        return per_sample_out * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+    if isinstance(module, nn.Linear):
+        return per_sample_out * module.in_features
+    if isinstance(module, UnitMap):
+        return per_sample_out * module.weight.shape[1]
+    return 0
+
+
+@torch.no_grad()
+def reference_cost(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """The hand-written counter `cost` used before FlopCounterMode (forward hooks; MACs of the Conv2d, Linear and
+    UnitMap layers that ran, from their output sizes): the numbers in results.csv files written until then."""
+    ran: dict[int, nn.Module] = {}
+    total = [0]
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+        ran[id(module)] = module
+        if isinstance(output, torch.Tensor) and not list(module.children()):
+            total[0] += _reference_macs(module, output)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    model.eval()
+    try:
+        model(torch.zeros(1, *input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+    params = sum(p.numel() for m in ran.values() for p in m.parameters(recurse=False))
+    return {"params": int(params), "flops": int(total[0])}
+
+
+SHAPE = (1, 8, 8)
+VIT = {"patch": 4, "depth": 2, "width": 16, "heads": 2}
+PLAIN = {
+    "mlp-bn": ("mlp", {"hidden": [16, 16], "batch_norm": True}, SHAPE),
+    "mlp-no-bn": ("mlp", {"hidden": [16, 16], "batch_norm": False}, SHAPE),
+    "vgg11": ("vgg", {"depth": 11, "width": 1 / 16}, SHAPE),
+    "vgg11-no-bn": ("vgg", {"depth": 11, "width": 1 / 16, "batch_norm": False}, SHAPE),
+    "vgg13-stages": ("vgg", {"depth": 13, "width": 1 / 16, "variant": "stages"}, (1, 28, 28)),
+    "resnet20": ("resnet", {"depth": 20, "width": 0.25}, SHAPE),
+    "resnet8-groupnorm": ("resnet", {"depth": 8, "width": 0.5, "norm": "group", "groups": 4}, SHAPE),
+    "resnet50": ("resnet", {"depth": 50, "width": 0.125}, SHAPE),
+    "resnet26": ("resnet", {"depth": 26, "width": 0.125}, SHAPE),
+    "vit-cls": ("vit", VIT, SHAPE),
+    "vit-mean-paper": ("vit", {**VIT, "pool": "mean", "mlp_out_act": True, "attn_scale": "width"}, (3, 16, 16)),
+}
+
+
+def _pair(family: str, spec: dict[str, Any], shape: tuple[int, ...] = SHAPE) -> list[nn.Module]:
+    models = []
+    for seed, head in ((1, {"A": 3}), (2, {"B": 2})):
+        torch.manual_seed(seed)
+        models.append(build_model(family, spec, shape, head).eval())
+    return models
+
+
+def _merged(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """Every merged form results.csv holds: full and partial zips (the partial one with UnitMaps), an ensemble,
+    a heterogeneous (depth-padded) merge, and a ViT zip."""
+    data = [torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    if kind == "zip-mlp":
+        return merge(_pair("mlp", {"hidden": [16, 16]}), "zipit", data=data), SHAPE
+    if kind == "partial-zip-resnet":
+        model = merge(_pair("resnet", {"depth": 8, "width": 0.25}), "zipit", {"stop_after": "s2b0"}, data=data)
+        assert any(isinstance(m, UnitMap) for m in model.modules())
+        return model, SHAPE
+    if kind == "partial-zip-vgg":
+        return merge(_pair("vgg", {"depth": 11, "width": 1 / 16}), "zipit", {"stop_after": "conv3"}, data=data), SHAPE
+    if kind == "ensemble-vit":
+        return merge(_pair("vit", VIT), "ensemble", data=data), SHAPE
+    if kind == "zip-vit":
+        return merge(_pair("vit", VIT), "zipit", data=data), SHAPE
+    if kind == "hetero-resnet14+8":
+        deep, shallow = (_pair("resnet", {"depth": depth, "width": 0.25})[k] for depth, k in ((14, 0), (8, 1)))
+        return merge([deep, shallow], "hetero", data=data), SHAPE
+    if kind == "shared-layers":  # one layer in two networks, one network twice: layers with several paths
+        a, b = _pair("mlp", {"hidden": [16]})
+        b.body.fc0.linear = a.body.fc0.linear
+        return MergedModel(None, [a, b, a]), SHAPE
+    raise AssertionError(kind)
+
+
+MERGED = [
+    "zip-mlp",
+    "partial-zip-resnet",
+    "partial-zip-vgg",
+    "ensemble-vit",
+    "zip-vit",
+    "hetero-resnet14+8",
+    "shared-layers",
+]
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_cost_equals_the_hand_written_counter_on_every_architecture(name):
+    family, spec, shape = PLAIN[name]
+    torch.manual_seed(0)
+    model = build_model(family, spec, shape, {"A": 5, "B": 3})
+    assert cost(model, shape) == reference_cost(model, shape)
+
+
+@pytest.mark.parametrize("kind", MERGED)
+def test_cost_equals_the_hand_written_counter_on_every_merged_form(kind):
+    model, shape = _merged(kind)
+    assert cost(model, shape) == reference_cost(model, shape)
+
+
+SHAPE_X = torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(0))
+
+
+def test_cost_leaves_out_attention_products_and_unused_trunk_layers(make_model):
+    """One ViT block at width 16 over 4 patches + class token (5 tokens): q, k, v, proj and the MLP's two linear
+    layers count, the scores (5x5 per head) and their product with v do not."""
+    model = make_model("vit", {**VIT, "depth": 1, "mlp_ratio": 2.0}, {"A": 5})
+    tokens, width = 5, 16
+    macs = 4 * 16 * 16 + tokens * (4 * width * width + 2 * width * 2 * width) + width * 5
+    assert cost(model, SHAPE)["flops"] == macs
+    partial = merge(_pair("resnet", {"depth": 8, "width": 0.25}), "zipit", {"stop_after": "s1b0"}, data=[SHAPE_X])
+    parts = [partial.trunk, *partial.branches]
+    # everything would cost the parts in full plus the unmerge maps
+    assert cost(partial, SHAPE)["flops"] < sum(cost(m, SHAPE)["flops"] for m in parts)

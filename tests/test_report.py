@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ def provenance(seed: int) -> dict[str, Any]:
         "git": {"commit": COMMIT, "dirty": False},
         "packages": {"hetmerge": "0.1.0", "torch": "2.3.1"},
         "python": "3.11.7",
-        "cuda": None,
+        "cuda": "13.0",  # torch's build, recorded on the CPU run (seed 0) too
         "device": "cuda:0 (NVIDIA H100)" if seed else "cpu",
     }
 
@@ -865,7 +866,7 @@ def test_provenance(run: tuple[dict[str, Any], Path, list[Path]]) -> None:
         "hetmerge": "0.1.0",
         "torch": "2.3.1",
         "python": "3.11.7",
-        "cuda": "",
+        "torch_cuda_build": "13.0",
         "config": "{}",
     }
     zipit = next(row for row in rows if (row["experiment"], row["method"], row["pair"]) == ("mlp", "zipit", "1"))
@@ -877,6 +878,11 @@ def test_provenance(run: tuple[dict[str, Any], Path, list[Path]]) -> None:
     page = read(out_dir, "provenance.html")
     assert page.startswith("<!DOCTYPE html>") and f"of the {len(rows)} records" in page
     assert f"<dt>Git commit</dt>\n<dd><code>{COMMIT}</code> ({len(rows)} records)</dd>" in page
+    # torch's CUDA build is no device: a CPU run records it too, under its own label
+    assert f"<dt>torch CUDA build</dt>\n<dd><code>13.0</code> ({len(rows)} records)</dd>" in page
+    devices = Counter(row["device"] for row in rows)
+    assert f"<dt>Device</dt>\n<dd><code>cpu</code> ({devices['cpu']} records);" in page
+    assert "<dt>CUDA</dt>" not in page and "torch CUDA build: the CUDA version the installed torch was built" in page
 
 
 def test_overview(run: tuple[dict[str, Any], Path, list[Path]]) -> None:

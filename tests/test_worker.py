@@ -326,6 +326,17 @@ def test_off_and_inside_slurm_jobs_it_runs_in_process(
     assert (seen["pid"] != client.pid) is worker and bool(servers(worker_dir)) is worker
 
 
+@pytest.mark.parametrize("argv", [["show", "0", "--help"], ["--version"], ["show", "0", "-h"]])
+def test_help_and_version_run_in_process_without_a_server(stand_in: Path, worker_dir: Path, argv: list[str]) -> None:
+    """argparse answers these before any command runs: starting a server for them would only cost seconds."""
+    env = environment(stand_in, worker_dir, HETMERGE_WORKER="1")
+    client = subprocess.Popen([sys.executable, "-m", "hetmerge", *argv], env=env, stdout=subprocess.PIPE, text=True)
+    out = client.communicate(timeout=TIMEOUT)[0]
+    assert client.returncode == 0 and not servers(worker_dir)
+    if argv[0] == "show":
+        assert json.loads(out.splitlines()[0])["pid"] == client.pid
+
+
 def test_an_unusable_socket_directory_runs_in_process(stand_in: Path, worker_dir: Path, tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")

@@ -15,9 +15,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hetmerge import __version__
 from hetmerge.atomic import write_json
+
+if TYPE_CHECKING:  # the methods import torch, which the CLI loads only in the commands that need it
+    from hetmerge.methods import MergeMethod
 
 
 def _json(text: str) -> Any:
@@ -331,6 +335,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from hetmerge.evaluation import accuracies
     from hetmerge.methods import MergeContext, build_method
     from hetmerge.params import as_dict
+    from hetmerge.progress import track
     from hetmerge.provenance import provenance
 
     method = build_method(args.method, args.params)
@@ -370,7 +375,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     else:
         values = list(dict.fromkeys([*choice.grid, *sorted(set(args.curve_values) - set(choice.grid))]))
         points, kept = [], {}
-        for value in values:
+        for value in track(values, desc=f"{args.method} {choice.param} curve", unit="value"):
             try:
                 candidate, ctx = merge(build_method(args.method, {**args.params, choice.param: value}))
             except ValueError as err:
@@ -572,6 +577,20 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} files under {args.out_dir}")
 
 
+def cmd_readme_table(args: argparse.Namespace) -> None:
+    """README's short results table from a run's results.csv: printed, or written into README's marked block."""
+    import pandas as pd
+
+    from hetmerge.report.readme_table import readme_table, update_readme
+
+    experiments = args.experiments or None
+    if args.readme:
+        update_readme(Path(args.readme), Path(args.results), experiments)
+        print(f"wrote the results table of {args.results} into {args.readme}")
+    else:
+        print(readme_table(pd.read_csv(args.results), experiments), end="")
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     """Resolve a validated config into the pipeline's plan (jobs, report spec, outputs); see hetmerge.plan."""
     from hetmerge.plan import plan
@@ -585,27 +604,215 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
+    """One line per registered method: name, the first line of its docstring, and the paper it reproduces; with
+    -v, or for the methods named, each parameter with its default too."""
     import dataclasses
 
     from hetmerge.methods import REGISTRY
 
-    for name, cls in sorted(REGISTRY.items()):
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))
-        print(f"{name}: {fields}")
+    unknown = [name for name in args.names if name not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(REGISTRY))}")
+    width = max(map(len, REGISTRY))
+    for name in args.names or sorted(REGISTRY):
+        cls = REGISTRY[name]
+        print(f"{name:<{width}}  {method_summary(cls)} — {_citation(cls)}")
+        if args.verbose or args.names:
+            fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))
+            print(f"{'':<{width}}  parameters: {fields}")
+
+
+def method_summary(cls: type[MergeMethod]) -> str:
+    """The first line of a method class's docstring: its one-line description in `hetmerge methods`."""
+    return cls.__doc__.strip().splitlines()[0] if cls.__doc__ else "(no description: the class has no docstring)"
+
+
+def _citation(cls: type[MergeMethod]) -> str:
+    """How `hetmerge methods` cites the paper a method reproduces, checked against hetmerge.papers."""
+    from hetmerge.papers import PAPERS
+
+    if cls.paper is None:
+        return "baseline"
+    if cls.paper not in PAPERS:
+        raise ValueError(f"method {cls.name!r} cites paper {cls.paper!r}, which hetmerge.papers.PAPERS lacks")
+    return PAPERS[cls.paper].cite()
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from hetmerge.checkpoint import load_tensors
+    """What a checkpoint holds and what produced it, at a glance; with --json, its full metadata and tensor shapes."""
+    from hetmerge.checkpoint import load_model, load_tensors
 
     tensors, meta = load_tensors(args.file)
-    meta["tensors"] = {k: list(v.shape) for k, v in sorted(tensors.items())}
-    json.dump(meta, sys.stdout, indent=2, sort_keys=True)
-    print()
+    if args.json:
+        meta["tensors"] = {k: list(v.shape) for k, v in sorted(tensors.items())}
+        json.dump(meta, sys.stdout, indent=2, sort_keys=True)
+        print()
+        return
+    size = _file_size(os.path.getsize(args.file))
+    if meta.get("kind") not in ("model", "merged"):
+        what = meta.get("kind") or "hetmerge file"
+        print(f"{args.file}: {what} (no model), {len(tensors)} tensors, {size}; --json prints its metadata")
+        return
+    model, _ = load_model(args.file)  # the module its metadata describes, whose parameters are counted
+    info, desc = meta["info"], meta["model"]
+    merged = meta["kind"] == "merged"
+    networks = ([desc["trunk"]] if desc["trunk"] else []) + desc["branches"] if merged else [desc]
+    rows = [
+        ("architecture", [_merged_architecture(desc) if merged else _architecture(desc)]),
+        ("input", [" or ".join(dict.fromkeys("x".join(map(str, n["input_shape"])) for n in networks))]),
+        ("heads", [", ".join(f"{t}: {n} classes" for t, n in _heads(desc, merged).items())]),
+        ("parameters", [f"{sum(p.numel() for p in model.parameters()):,}"]),
+        *(_merge_rows(info) if merged else _training_rows(info)),
+        ("made with", [_made_with(info.get("provenance", {}))]),
+    ]
+    title = f"merge by {info.get('method', 'an unrecorded method')}" if merged else "trained model"
+    print(f"{args.file}: {title}, {size}")
+    width = max(len(label) for label, _ in rows)
+    for label, lines in rows:
+        for i, line in enumerate(line for line in lines if line):
+            print(f"  {label if i == 0 else '':<{width}}  {line}")
+
+
+def _file_size(size: int) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = min(max(size.bit_length() - 1, 0) // 10, len(units) - 1)
+    return f"{size} B" if power == 0 else f"{size / 1024**power:.1f} {units[power]}"
+
+
+def _value(value: Any) -> str:
+    """A metadata value as a config writes it: strings bare, everything else as JSON (true, null, [1, 2])."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _assignments(mapping: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_value(v)}" for k, v in mapping.items())
+
+
+def _present(record: dict[str, Any], formats: dict[str, str]) -> str:
+    """The keys of `formats` that `record` has, each value put into its format, joined by commas: a checkpoint
+    saved by library code carries whatever info its caller gave, so any key may be absent."""
+    return ", ".join(form.format(_value(record[key])) for key, form in formats.items() if key in record)
+
+
+def _architecture(desc: dict[str, Any]) -> str:
+    """'vgg (batch_norm=true, depth=11, width=0.125)' from a network's description."""
+    spec = _assignments(desc["spec"])
+    return f"{desc['family']} ({spec})" if spec else desc["family"]
+
+
+def _merged_architecture(desc: dict[str, Any]) -> str:
+    """A merge's layout (see MergedModel): one network, an ensemble, or a partial zip's trunk and branches."""
+    branches = desc["branches"]
+    if not branches:
+        return f"one network: {_architecture(desc['trunk'])}"
+    counts: dict[str, int] = {}
+    for branch in branches:
+        counts[_architecture(branch)] = counts.get(_architecture(branch), 0) + 1
+    listed = "; ".join(arch if n == 1 else f"{n} x {arch}" for arch, n in counts.items())
+    if desc["trunk"] is None:
+        return f"ensemble of {len(branches)} networks: {listed}"
+    return f"partial zip: the first {desc['cut']} units merged, then each network's own ({len(branches)}): {listed}"
+
+
+def _heads(desc: dict[str, Any], merged: bool) -> dict[str, int]:
+    """Classes of every task head the model answers with (a merge: its trunk's, or its branches' together)."""
+    networks = [desc] if not merged else desc["branches"] or [desc["trunk"]]
+    return {task: n for network in networks for task, n in network["heads"].items()}
+
+
+def _training_rows(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """What `cmd_train` records: the data, the seed and settings, the last epoch."""
+    trained_on = {"dataset": "{}", "task": "task {}", "classes": "classes {}", "partition": "partition {}"}
+    last = info["history"][-1] if info.get("history") else None
+    return [
+        ("trained on", [_present(info, {**trained_on, "split_seed": "split seed {}"})]),
+        ("training", [_present(info, {"seed": "seed {}", "precision": "{}", "train_seconds": "{} s"})]),
+        ("settings", [_assignments(info.get("train", {}))]),
+        (
+            "last epoch",
+            [
+                f"{last['epoch']}: loss {last['loss']:.4f}, training accuracy {100 * last['train_acc']:.1f}%"
+                if last
+                else ""
+            ],
+        ),
+    ]
+
+
+def _merge_rows(info: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """What `cmd_merge` records: the method, its parameters and choices, the models merged, the data it saw."""
+    notes = info.get("notes") or {}
+    few = info.get("few_shot")
+    sources = [
+        f"{s['path']} ({_present(s, {'task': 'task {}', 'partition': 'partition {}', 'seed': 'seed {}'})})"
+        for s in info.get("source_models", [])
+    ]
+    tasks = ", ".join(f"{t} {classes}" for t, classes in info.get("tasks", {}).items())
+    return [
+        ("method", [_present(info, {"method": "{}", "seed": "seed {}", "merge_seconds": "{} s"})]),
+        ("params", [_assignments(info.get("params", {}))]),
+        ("notes", [", ".join(f"{k}={_value(v)}" if _is_scalar(v) else f"{k} (see --json)" for k, v in notes.items())]),
+        ("merged from", sources),
+        (
+            "data",
+            [_present(info, {"dataset": "{}", "split_seed": "split seed {}"}) + (f", tasks {tasks}" if tasks else "")],
+        ),
+        (
+            "few-shot",
+            [
+                f"{few['originals']} images per task, {few['aug_factor']} augmented copies of each, "
+                f"{few['val_per_task']} held out per task"
+                if few
+                else ""
+            ],
+        ),
+    ]
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _made_with(provenance: dict[str, Any]) -> str:
+    """Package versions, commit and device from a checkpoint's provenance record."""
+    packages = provenance.get("packages", {})
+    git = provenance.get("git") or {}
+    commit = (
+        f"git {git['commit'][:7]}{' with uncommitted changes' if git['dirty'] else ''}" if git.get("commit") else ""
+    )
+    device = f"on {provenance['device']}" if "device" in provenance else ""
+    versions = [f"{p} {packages[p]}" for p in ("hetmerge", "torch") if p in packages]
+    return ", ".join(part for part in (*versions, commit, device) if part)
+
+
+KNOWN_DATASETS = ("cifar10", "cifar100", "digits", "fashion_mnist", "mnist")
+"""hetmerge.data.DATASETS's names, for the help (importing it would import torch); a test keeps them in step."""
+KNOWN_FAMILIES = ("mlp", "resnet", "vgg", "vit")
+"""hetmerge.models.FAMILIES's names, likewise."""
+
+MERGE_EPILOG = """\
+example: ZipIt! of two models from `hetmerge train`, saved and evaluated on the test set:
+  hetmerge merge --data digits.safetensors --split split.json \\
+    --models a.safetensors b.safetensors --method zipit \\
+    --params '{"alpha": 0.3, "beta": 0.125}' --out zipit.safetensors --result zipit.json
+
+`hetmerge methods` lists the methods, `hetmerge methods NAME` a method's parameters and their defaults."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hetmerge", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="hetmerge",
+        description=__doc__,
+        epilog="`hetmerge COMMAND --help` explains a command's options. `python -m hetmerge COMMAND ...` runs the\n"
+        "same commands, through a warm worker that has imported torch already (see hetmerge.worker).",
+        formatter_class=raw,
+    )
+    parser.add_argument("--version", action="version", version=f"hetmerge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, help="the pipeline stage or tool to run")
+
+    def command(name: str, summary: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, **kwargs)
 
     def inputs(p: argparse.ArgumentParser, models: str | None = None) -> None:
         """The prepared dataset and task split every model-level stage reads (plus the model files)."""
@@ -618,74 +825,114 @@ def build_parser() -> argparse.ArgumentParser:
 
     def result_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--result", default=None, help="also evaluate the model on the test set: result JSON")
-        p.add_argument("--eval-batch-size", type=int, default=512)
+        p.add_argument(
+            "--eval-batch-size", type=int, default=512, help="batch size of that test-set evaluation (default: 512)"
+        )
 
     def device_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", help="auto (a free GPU if any, else CPU), cpu, or cuda:N")
-        p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+        p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
 
-    p = sub.add_parser("data", help="find or download a dataset and store it prepared")
-    p.add_argument("--dataset", required=True)
+    p = command("data", "find or download a dataset and store it prepared")
+    p.add_argument("--dataset", required=True, help=f"dataset name, one of {', '.join(KNOWN_DATASETS)}")
     p.add_argument("--roots", nargs="*", default=[], help="local directories searched before downloading")
-    p.add_argument("--download-root", default="data")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--no-verify", action="store_true", help="skip MD5 checks of local files")
-    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--download-root", default="data", help="directory that downloads go to, searched last (default: data)"
+    )
+    p.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="download the dataset where no local copy is found (default: download)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip MD5 checks of the IDX files (MNIST, Fashion-MNIST); refused for CIFAR (torchvision always checks)",
+    )
+    p.add_argument("--out", required=True, help="prepared dataset to write (safetensors)")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser(
-        "split", help="draw class-disjoint tasks and a held-out merge slice, or N models' partitions of one task"
-    )
-    p.add_argument("--data", required=True)
-    p.add_argument("--seed", type=int, required=True)
+    p = command("split", "draw class-disjoint tasks and a held-out merge slice, or N models' partitions of one task")
+    p.add_argument("--data", required=True, help="prepared dataset from `hetmerge data`")
+    p.add_argument("--seed", type=int, required=True, help="seed of the draw (classes, images, partitions)")
     p.add_argument(
         "--kind",
         default="class_disjoint",
         choices=["class_disjoint", "full", "iid", "non_iid", "sharded"],
-        help="class_disjoint: one task per model; the others: N models of one task, each on its partition",
+        help="class_disjoint (default): one task per model; the others: N models of one task, each on its partition",
     )
-    p.add_argument("--num-tasks", type=int, default=2, help="tasks (class_disjoint) or models (same-task kinds)")
+    p.add_argument(
+        "--num-tasks", type=int, default=2, help="tasks (class_disjoint) or models (same-task kinds); default: 2"
+    )
     p.add_argument("--merge-per-class", type=int, default=None, help="held-out merge images per class")
     p.add_argument("--fusion-size", type=int, default=None, help="same-task: fusion images, from model A's data")
     p.add_argument(
-        "--concentration", type=float, nargs=2, default=[1.0, 5.0], help="non_iid: Dirichlet alpha from LO to HI"
+        "--concentration",
+        type=float,
+        nargs=2,
+        default=[1.0, 5.0],
+        help="non_iid: Dirichlet alpha from LO to HI (default: 1 5)",
     )
     p.add_argument("--train-per-task", type=_json, default=None, help="integer or null (all) training images per task")
     p.add_argument("--test-per-task", type=_json, default=None, help="integer or null (all) test images per task")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="task split to write (JSON)")
     p.set_defaults(func=cmd_split)
 
-    p = sub.add_parser("train", help="train one model on one task (and evaluate it)")
+    p = command("train", "train one model on one task (and evaluate it)")
     inputs(p)
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help="the split's task to train on (A, B, ...)")
     p.add_argument("--partition", default=None, help="same-task split: train on this model's partition (A, B, ...)")
-    p.add_argument("--model", type=_json, required=True, help='JSON: {"family": ..., "spec": {...}}')
-    p.add_argument("--train", type=_json, default={}, help="JSON training settings")
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument(
+        "--model",
+        type=_json,
+        required=True,
+        help=f'JSON object {{"family": F, "spec": {{...}}}}, F one of {", ".join(KNOWN_FAMILIES)}, spec the '
+        'family\'s options (hetmerge.models), e.g. \'{"family": "vgg", "spec": {"depth": 11, "width": 0.25}}\'',
+    )
+    p.add_argument(
+        "--train",
+        type=_json,
+        default={},
+        help='JSON object of training settings (hetmerge.training.TrainSettings), e.g. \'{"epochs": 20, '
+        '"lr": 0.05}\'; unknown keys refused, defaults filled in',
+    )
+    p.add_argument("--seed", type=int, required=True, help="seed of the initialisation and the data order")
     p.add_argument("--out", required=True, help="the model; training state is kept in OUT.resume until it is saved")
     result_args(p)
     device_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("statistics", help="activation mean/covariance of every feature space on the merge slice")
+    p = command("statistics", "activation mean/covariance of every feature space on the merge slice")
     inputs(p, "many")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=256, help="merge-slice images per batch (default: 256)")
+    p.add_argument("--out", required=True, help="statistics to write (safetensors), for `merge --stats`")
     device_args(p)
     p.set_defaults(func=cmd_statistics)
 
-    p = sub.add_parser("precompute", help="an input methods read, once per model list (e.g. depth alignment)")
+    p = command("precompute", "an input methods read, once per model list (e.g. depth alignment)")
     inputs(p, "many")
     p.add_argument("--name", required=True, help="what to compute (registered in hetmerge.methods.PRECOMPUTE)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=256, help="merge-slice images per batch (default: 256)")
+    p.add_argument("--out", required=True, help="the input to write (JSON), for `merge --precomputed NAME=OUT`")
     device_args(p)
     p.set_defaults(func=cmd_precompute)
 
-    p = sub.add_parser("merge", help="merge trained models with a registered method (and evaluate the merge)")
+    p = command(
+        "merge",
+        "merge trained models with a registered method (and evaluate the merge)",
+        epilog=MERGE_EPILOG,
+        formatter_class=raw,
+    )
     inputs(p, "many")
-    p.add_argument("--method", required=True)
-    p.add_argument("--params", type=_json, default={})
+    p.add_argument("--method", required=True, help="a registered method name, see `hetmerge methods`")
+    p.add_argument(
+        "--params",
+        type=_json,
+        default={},
+        help='JSON object of the method\'s parameters, e.g. \'{"alpha": 0.3, "beta": 0.125}\'; unknown keys '
+        "refused, defaults filled in (default: {}, every parameter at its default)",
+    )
     p.add_argument("--stats", default=None, help="statistics file from `hetmerge statistics` (else computed)")
     p.add_argument(
         "--precomputed",
@@ -708,52 +955,78 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="for the merges that learn (FS-Merge, distill, RegMean): N original training images per task",
     )
-    p.add_argument("--aug-factor", type=int, default=8, help="augmented copies of each few-shot image")
-    p.add_argument("--val-per-task", type=int, default=300, help="held-out training images per task (validation loss)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--aug-factor", type=int, default=8, help="augmented copies of each few-shot image (default: 8)")
+    p.add_argument(
+        "--val-per-task",
+        type=int,
+        default=300,
+        help="held-out training images per task (validation loss; default: 300)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="merge-slice images per batch (statistics, scores; default: 256)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the method's random draws and the few-shot slice")
+    p.add_argument(
+        "--out", required=True, help="the merge (safetensors); a merge that learns keeps its state in OUT.state"
+    )
     result_args(p)
     device_args(p)
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("landscape", help="task losses on the plane through model A, model B and a merge")
+    p = command("landscape", "task losses on the plane through model A, model B and a merge")
     inputs(p, "many")
     p.add_argument("--merges", nargs="+", required=True, help="merge checkpoints to place on the plane")
     p.add_argument("--keys", nargs="+", required=True, help="row key of each merge")
     p.add_argument("--plane", required=True, help="key of the merge that spans the plane with A and B")
-    p.add_argument("--steps", type=int, default=11, help="grid points per axis")
-    p.add_argument("--per-task", type=int, default=500, help="test images per task")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=11, help="grid points per axis (default: 11)")
+    p.add_argument("--per-task", type=int, default=500, help="test images per task (default: 500)")
+    p.add_argument("--batch-size", type=int, default=500, help="test images per batch (default: 500)")
+    p.add_argument("--out", required=True, help="the landscape to write (JSON)")
     device_args(p)
     p.set_defaults(func=cmd_landscape)
 
-    p = sub.add_parser("evaluate", help="joint and per-task accuracy, parameters and FLOPs of models or merges")
+    p = command("evaluate", "joint and per-task accuracy, parameters and FLOPs of models or merges")
     inputs(p, "many")
-    p.add_argument("--records", type=_json, default=None, help="JSON list: fields copied into each model's record")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--records",
+        type=_json,
+        default=None,
+        help='JSON list with one object per model, whose fields are copied into its record, e.g. \'[{"key": '
+        '"zipit"}]\'',
+    )
+    p.add_argument("--batch-size", type=int, default=512, help="test images per batch (default: 512)")
+    p.add_argument("--out", required=True, help="the records to write (JSON list, one per model)")
     device_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("plan", help="resolve a validated config into the pipeline's jobs and report (JSON)")
+    p = command("plan", "resolve a validated config into the pipeline's jobs and report (JSON)")
     p.add_argument("--config", required=True, help="the config as JSON, validated with its schema's defaults")
     p.add_argument("--name", required=True, help="the config's report folder name")
-    p.add_argument("--results", default="results")
-    p.add_argument("--out", required=True)
+    p.add_argument("--results", default="results", help="folder the planned outputs go under (default: results)")
+    p.add_argument("--out", required=True, help="the plan to write (JSON)")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("report", help="LaTeX tables, figures, CSVs and main.tex from a plan's report spec")
+    p = command("report", "LaTeX tables, figures, CSVs and main.tex from a plan's report spec")
     p.add_argument("--plan", required=True, help="plan JSON from `hetmerge plan`")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, help="folder to write the report's files into")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("methods", help="list registered merge methods and their parameters")
+    p = command("readme-table", "README's short results table, generated from a run's results.csv")
+    p.add_argument("results", help="results.csv of a report (e.g. results/paper/default/results.csv)")
+    p.add_argument("--readme", default=None, help="write the table between README's results-table markers")
+    p.add_argument(
+        "--experiments", nargs="+", default=None, metavar="KEY", help="experiment keys (rows), in order (default: all)"
+    )
+    p.set_defaults(func=cmd_readme_table)
+
+    p = command("methods", "list the registered merge methods: description and paper (and parameters)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these methods, with their parameters")
+    p.add_argument("-v", "--verbose", action="store_true", help="also each parameter with its default")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("inspect", help="print a checkpoint's metadata and tensor shapes")
-    p.add_argument("file")
+    p = command("inspect", "what a checkpoint holds and what produced it")
+    p.add_argument("file", help="a model or merge checkpoint (or another file hetmerge wrote as safetensors)")
+    p.add_argument("--json", action="store_true", help="print the full metadata and every tensor's shape as JSON")
     p.set_defaults(func=cmd_inspect)
     return parser
 
@@ -777,6 +1050,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except BrokenPipeError:  # `hetmerge methods | head`: the reader is gone, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     except (ValueError, RuntimeError, OSError, TimeoutError, FloatingPointError) as err:
         if os.environ.get("HETMERGE_DEBUG"):
             raise

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from hetmerge.data import ImageDataset, TaskSplit, iterate_batches
-from hetmerge.merged import UnitMap
 from hetmerge.metrics import macro_f1
+from hetmerge.progress import track
 
 Model = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 Part = Literal["test", "merge"]
@@ -18,12 +20,19 @@ Part = Literal["test", "merge"]
 
 @torch.no_grad()
 def predict(
-    model: Model, images: torch.Tensor, indices: torch.Tensor, data: ImageDataset, batch_size: int, device: torch.device
+    model: Model,
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    data: ImageDataset,
+    batch_size: int,
+    device: torch.device,
+    desc: str = "prediction",
 ) -> dict:
-    """Logits of every head on `images[indices]`, concatenated over batches."""
+    """Logits of every head on `images[indices]`, concatenated over batches; `desc` names the pass in the progress."""
     outputs: dict[str, list[torch.Tensor]] = {}
     labels = torch.zeros(len(images), dtype=torch.long)  # unused: batches carry labels we do not need
-    for x, _ in iterate_batches(images, labels, indices, batch_size, data.mean, data.std, device=device):
+    batches = iterate_batches(images, labels, indices, batch_size, data.mean, data.std, device=device)
+    for x, _ in track(batches, desc=desc, total=math.ceil(len(indices) / batch_size), unit="batch"):
         for task, logits in model(x).items():
             outputs.setdefault(task, []).append(logits.float().cpu())
     return {task: torch.cat(chunks) for task, chunks in outputs.items()}
@@ -69,7 +78,8 @@ def accuracies(
     order = [t.name for t in split.tasks]
     indices = torch.as_tensor([i for t in order for i in per_task[t]], dtype=torch.long)
     true_class = labels[indices]
-    outputs = predict(model, images, indices, data, batch_size, device)
+    where = "test set" if part == "test" else "merge slice"
+    outputs = predict(model, images, indices, data, batch_size, device, desc=f"evaluation on the {where}")
     unknown = sorted(set(outputs) - set(order))
     if unknown:
         raise ValueError(f"model answers tasks {unknown} that the split does not define ({order})")
@@ -109,43 +119,41 @@ def accuracies(
     return result
 
 
-def _macs(module: nn.Module, output: torch.Tensor) -> int:
-    per_sample_out = output[0].numel()
-    if isinstance(module, nn.Conv2d):
-        return per_sample_out * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
-    if isinstance(module, nn.Linear):
-        return per_sample_out * module.in_features
-    if isinstance(module, UnitMap):
-        return per_sample_out * module.weight.shape[1]
-    return 0
-
-
 @torch.no_grad()
 def cost(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     """Parameters and multiply-accumulates of one forward pass on one input.
 
     Only modules that actually run are counted, so a partial zip's unused trunk layers cost nothing.
     FLOPs follow the papers' (fvcore) convention of one FLOP per multiply-accumulate of convolutions and
-    linear layers; attention's q·kᵀ and weights·v products are not counted.
+    linear layers (and of UnitMap's matrices): torch's FlopCounterMode counts the matrix products and
+    convolutions that run (2 FLOPs per multiply-accumulate), and only those run inside a layer (a module
+    without submodules) are kept, which leaves out the products a ViT's Attention computes in its own
+    forward (q·kᵀ and weights·v).
     """
     ran: dict[int, nn.Module] = {}
-    total = [0]
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
         ran[id(module)] = module
-        if isinstance(output, torch.Tensor) and not list(module.children()):
-            total[0] += _macs(module, output)
 
     # every module, not only leaves: a ViT's class token and position table belong to a container
     handles = [m.register_forward_hook(hook) for m in model.modules()]
+    counter = FlopCounterMode(display=False)
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        model(torch.zeros(1, *input_shape, device=device))
+        with counter:
+            model(torch.zeros(1, *input_shape, device=device))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    # FlopCounterMode's ModuleTracker names a module by one of its paths below the root's class name: every
+    # path of a layer is listed (a shared layer has several), and each layer's count sits under one of them
+    root = type(model).__name__
+    paths = model.named_modules(remove_duplicate=False)
+    layers = [f"{root}.{name}" if name else root for name, m in paths if not any(m.children())]
+    counts = counter.get_flop_counts()
+    flops = sum(sum(counts.get(name, {}).values()) for name in layers)
     params = sum(p.numel() for m in ran.values() for p in m.parameters(recurse=False))
-    return {"params": int(params), "flops": int(total[0])}
+    return {"params": int(params), "flops": flops // 2}

@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from hetmerge.checkpoint import load_tensors, save_tensors
+from hetmerge.progress import Progress, log
 from hetmerge.training import _HALF, _load_optimizer_state, _optimizer_state, resolve_precision
 
 
@@ -205,8 +205,7 @@ def fit(
 
     resumed_from, epoch = start, start
     stopped = s.patience is not None and waited >= s.patience
-    bar = tqdm(total=s.epochs, initial=start, desc=desc, file=sys.stderr, mininterval=5.0, leave=False, disable=None)
-    try:
+    with Progress(desc, total=s.epochs, unit="epoch", initial=start) as progress:
         while epoch < s.epochs and not stopped:
             shuffled = train_index[torch.randperm(len(train_index), generator=generator).to(train_index.device)]
             total = torch.zeros((), device=device)
@@ -256,14 +255,8 @@ def fit(
                     "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 }
                 save_tensors(checkpoint, tensors, {"fit": saved})
-            bar.update(1)
-            bar.set_postfix(val=f"{current:.4g}", refresh=False)
-            tqdm.write(
-                f"{desc} epoch {epoch}/{s.epochs}: train {train_loss:.4g} val {current:.4g} lr {lr:.3g}",
-                file=sys.stderr,
-            )
-    finally:
-        bar.close()
+            progress.update()
+            log(f"{desc} epoch {epoch}/{s.epochs}: train {train_loss:.4g} val {current:.4g} lr {lr:.3g}")
     if best_state is not None:
         with torch.no_grad():
             for p, kept in zip(params, best_state, strict=True):

@@ -38,6 +38,7 @@ from hetmerge.levels import levels
 from hetmerge.models import MultiTaskNet
 from hetmerge.observe import Point, observing, probe
 from hetmerge.precompute import register_precompute
+from hetmerge.progress import track
 from hetmerge.spaces import FeatureSpace
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ def neuron_importance(
             deeplift[space.name] = (LayerDeepLift(forward, model.get_submodule(module)), on_input)
     totals = {space.name: torch.zeros(space.width, device=device) for space in spaces}
     samples = 0
-    for x, y in labelled:
+    for x, y in track(labelled, desc=f"neuron importance ({kind})", unit="batch"):
         x, y = x.to(device), y.to(device)
         if y.numel() and (y.min() < 0 or y.max() >= classes):
             raise ValueError(

@@ -30,6 +30,7 @@ from torch import nn
 from hetmerge.importance import Importance, importance_scores
 from hetmerge.models import MultiTaskNet
 from hetmerge.observe import as_rows
+from hetmerge.progress import track
 
 if TYPE_CHECKING:
     from hetmerge.methods.base import MergeContext
@@ -288,7 +289,7 @@ def interpolate(
 ) -> MultiTaskNet:
     """Fuse `chain` layer by layer into `fused` (in place, and returned): refit, combine, write, next layer on the
     updated network. One pass over the fusion set per layer."""
-    for index, layer in enumerate(chain):
+    for index, layer in enumerate(track(chain, desc="least-squares fusion", unit="layer")):
         refits = refit(layer_system(fused, parents, layer, batches()))
         write_layer(fused, layer, fuse_layer(index, layer, refits))
     return fused

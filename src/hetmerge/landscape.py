@@ -19,6 +19,7 @@ from torch import nn
 from hetmerge.batchnorm import reset_batchnorm
 from hetmerge.matching.weight_matching import weight_matching
 from hetmerge.models import MultiTaskNet
+from hetmerge.progress import Progress
 from hetmerge.spaces import permute_state
 
 Losses = Callable[[nn.Module], dict[str, float]]
@@ -96,16 +97,18 @@ def loss_grid(
 ) -> dict[str, list[list[float]]]:
     """Each task's loss at every grid point (rows: y, columns: x), after a BatchNorm reset where given."""
     grid: dict[str, list[list[float]]] = {}
-    for y in ys:
-        rows: dict[str, list[float]] = {}
-        for x in xs:
-            model = load_vector(target, plane.point(x, y))
-            if bn_batches is not None:
-                reset_batchnorm(model, bn_batches())
-            for task, value in losses(model.eval()).items():
-                rows.setdefault(task, []).append(value)
-        for task, row in rows.items():
-            grid.setdefault(task, []).append(row)
+    with Progress("loss landscape", total=len(xs) * len(ys), unit="point") as progress:
+        for y in ys:
+            rows: dict[str, list[float]] = {}
+            for x in xs:
+                model = load_vector(target, plane.point(x, y))
+                if bn_batches is not None:
+                    reset_batchnorm(model, bn_batches())
+                for task, value in losses(model.eval()).items():
+                    rows.setdefault(task, []).append(value)
+                progress.update()
+            for task, row in rows.items():
+                grid.setdefault(task, []).append(row)
     return grid
 
 

@@ -50,7 +50,11 @@ def git_state(where: str | os.PathLike[str] | None = None) -> dict[str, Any]:
 
 
 def provenance(device: torch.device) -> dict[str, Any]:
-    """What every result JSON records about how it was produced: code version, package versions and device."""
+    """What every result JSON records about how it was produced: code version, package versions and device.
+
+    `cuda` is the CUDA version torch was built for (None for a CPU-only build), also on a CPU run: a property of
+    the install, not of the device, which `device` names.
+    """
     return {
         "git": git_state(),
         "packages": {p: _version(p) for p in PACKAGES},

@@ -19,6 +19,7 @@ import torch
 from hetmerge.checkpoint import CheckpointError, load_tensors, save_tensors
 from hetmerge.compatibility import nonfinite
 from hetmerge.models import MultiTaskNet
+from hetmerge.progress import track
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def collect_statistics(
     columns = dict.fromkeys(names, 0)
     try:
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            for x in batches:
+            for x in track(batches, desc="activation statistics", unit="batch"):
                 for model in models:
                     model(x)
                 for name in names:

@@ -16,13 +16,13 @@ from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from hetmerge.checkpoint import CheckpointError, load_tensors, save_tensors
 from hetmerge.data import ImageDataset, Task, TaskSplit, iterate_batches, make_label_map
 from hetmerge.data.batches import cutmix
 from hetmerge.models import MultiTaskNet
 from hetmerge.params import Range, as_dict
+from hetmerge.progress import Progress, log
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -288,77 +288,72 @@ def train_model(
                 print(f"resuming from {resume_path} after epoch {start_epoch}", file=sys.stderr)
 
     head = model.heads[task]
-    for epoch in range(start_epoch, settings.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        losses = torch.empty(steps_per_epoch, device=device)
-        hits = torch.empty(steps_per_epoch, dtype=torch.long, device=device)
-        batches = iterate_batches(
-            images,
-            labels,
-            positions,
-            settings.batch_size,
-            data.mean,
-            data.std,
-            generator=generator,
-            augment=settings.augment,
-            autoaugment=settings.autoaugment,
-            hflip=data.hflip,
-            drop_last=True,
-            device=device,
-        )
-        bar = tqdm(
-            batches,
-            total=steps_per_epoch,
-            desc=f"{task} epoch {epoch + 1}/{settings.epochs}",
-            file=sys.stderr,
-            mininterval=5.0,
-            leave=False,
-        )
-        for step_in_epoch, (x, y) in enumerate(bar):
-            lr = lr_at(epoch * steps_per_epoch + step_in_epoch, steps_per_epoch, settings)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            target = y
-            if settings.cutmix > 0:  # soft targets; y becomes each image's dominant label, for the accuracy
-                x, target, y = cutmix(x, y, num_classes, settings.cutmix, generator)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                logits = head(model.body(x))
-                loss = criterion(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses[step_in_epoch] = loss.detach()
-            hits[step_in_epoch] = (logits.argmax(1) == y).sum()
-        total_loss = 0.0
-        for batch_loss in losses.tolist():  # the epoch's one sync; float64 in step order, as per-step .item() was
-            total_loss += batch_loss * settings.batch_size
-        correct, seen = sum(hits.tolist()), steps_per_epoch * settings.batch_size
-        if not math.isfinite(total_loss):
-            raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss {total_loss}); lower the lr")
-        record = {
-            "epoch": epoch + 1,
-            "loss": total_loss / seen,
-            "train_acc": correct / seen,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        history.append(record)
-        print(
-            f"[{task}] epoch {epoch + 1}/{settings.epochs} loss {record['loss']:.4f} "
-            f"train acc {record['train_acc']:.4f} ({record['seconds']:.1f}s)",
-            file=sys.stderr,
-        )
-        if resume_path is not None:
-            state = {f"model.{k}": v for k, v in model.state_dict().items()}
-            state.update(_optimizer_state(optimizer, params))
-            state["generator"] = generator.get_state()
-            meta = {"epoch": epoch + 1, "fingerprint": fingerprint, "run": run, "history": history}
-            if scaler.is_enabled():
-                meta["grad_scaler"] = scaler.state_dict()
-            save_tensors(resume_path, state, meta)
+    steps = settings.epochs * steps_per_epoch
+    done = start_epoch * steps_per_epoch
+    with Progress(f"training {task}", total=steps, unit="batch", initial=done) as progress:
+        for epoch in range(start_epoch, settings.epochs):
+            model.train()
+            t0 = time.perf_counter()
+            losses = torch.empty(steps_per_epoch, device=device)
+            hits = torch.empty(steps_per_epoch, dtype=torch.long, device=device)
+            batches = iterate_batches(
+                images,
+                labels,
+                positions,
+                settings.batch_size,
+                data.mean,
+                data.std,
+                generator=generator,
+                augment=settings.augment,
+                autoaugment=settings.autoaugment,
+                hflip=data.hflip,
+                drop_last=True,
+                device=device,
+            )
+            for step_in_epoch, (x, y) in enumerate(batches):
+                lr = lr_at(epoch * steps_per_epoch + step_in_epoch, steps_per_epoch, settings)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                target = y
+                if settings.cutmix > 0:  # soft targets; y becomes each image's dominant label, for the accuracy
+                    x, target, y = cutmix(x, y, num_classes, settings.cutmix, generator)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    logits = head(model.body(x))
+                    loss = criterion(logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                losses[step_in_epoch] = loss.detach()
+                hits[step_in_epoch] = (logits.argmax(1) == y).sum()
+                progress.update()
+            total_loss = 0.0
+            for batch_loss in losses.tolist():  # the epoch's one sync; float64 in step order, as per-step .item() was
+                total_loss += batch_loss * settings.batch_size
+            correct, seen = sum(hits.tolist()), steps_per_epoch * settings.batch_size
+            if not math.isfinite(total_loss):
+                raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss {total_loss}); lower the lr")
+            record = {
+                "epoch": epoch + 1,
+                "loss": total_loss / seen,
+                "train_acc": correct / seen,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            history.append(record)
+            log(
+                f"[{task}] epoch {epoch + 1}/{settings.epochs} loss {record['loss']:.4f} "
+                f"train acc {record['train_acc']:.4f} ({record['seconds']:.1f}s)"
+            )
+            if resume_path is not None:
+                state = {f"model.{k}": v for k, v in model.state_dict().items()}
+                state.update(_optimizer_state(optimizer, params))
+                state["generator"] = generator.get_state()
+                meta = {"epoch": epoch + 1, "fingerprint": fingerprint, "run": run, "history": history}
+                if scaler.is_enabled():
+                    meta["grad_scaler"] = scaler.state_dict()
+                save_tensors(resume_path, state, meta)
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     model.eval()

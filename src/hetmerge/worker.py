@@ -92,7 +92,7 @@ def run(argv: Sequence[str]) -> int:
     if mode not in ("", "0", "1"):
         raise SystemExit(f"hetmerge: error: HETMERGE_WORKER must be 0 (off) or 1 (on), got {mode!r}")
     idle_seconds(os.environ)  # a bad value fails here, not silently in a detached server
-    if mode == "0" or (mode == "" and "SLURM_JOB_ID" in os.environ):
+    if mode == "0" or (mode == "" and "SLURM_JOB_ID" in os.environ) or _answered_by_argparse(argv):
         return _in_process(argv)
     try:
         status = _through_server(argv)
@@ -105,6 +105,12 @@ def run(argv: Sequence[str]) -> int:
         os.kill(os.getpid(), -code)
         return 128 - code
     return code
+
+
+def _answered_by_argparse(argv: Sequence[str]) -> bool:
+    """Help, the version and a usage error need no torch: argparse answers them before any command runs, faster
+    than starting a server would."""
+    return not argv or any(arg in ("-h", "--help", "--version") for arg in argv)
 
 
 def idle_seconds(env: Mapping[str, str]) -> float:

@@ -6,19 +6,16 @@ lets every consumer normalise and augment on the device of its choice.
 
 from __future__ import annotations
 
-import codecs
 import functools
 import gzip
 import hashlib
-import io
 import json
 import os
-import pickle
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -133,7 +130,7 @@ class _Source:
     torchvision_class: type[VisionDataset]
     subdirs: tuple[str, ...]  # searched under every root before the root itself (flat layout)
     files: dict[str, tuple[str, ...]]  # logical file -> accepted names (first = the name torchvision uses)
-    md5: dict[str, str]  # accepted file name -> official MD5
+    md5: dict[str, str]  # accepted file name -> official MD5 (IDX only: torchvision checks CIFAR's itself)
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -182,7 +179,7 @@ def _cifar_source(cls: type[CIFAR10], mean: tuple[float, ...], std: tuple[float,
         torchvision_class=cls,
         subdirs=(cls.base_folder,),
         files={filename: (filename,) for filename, _ in listed},
-        md5={filename: digest for filename, digest in listed},
+        md5={},
         mean=mean,
         std=std,
     )
@@ -294,92 +291,32 @@ def _read_idx_dataset(name: str, directory: Path, names: dict[str, str], verify:
     )
 
 
-_ARRAY = np.zeros(1, np.uint8)
-_RECONSTRUCT = _ARRAY.__reduce__()[0]  # numpy's `_reconstruct`, wherever this numpy version keeps it
-_FROMBUFFER = _ARRAY.__reduce_ex__(5)[0]  # numpy's `_frombuffer` (how protocol 5 pickles arrays)
-_CIFAR_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # the official files (numpy 1)
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # re-pickled with numpy 2
-    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("_codecs", "encode"): codecs.encode,  # how Python 3 writes bytes at protocols 0-2
-}
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Admits only what CIFAR batches hold (dicts, lists, bytes, str, numbers, numpy arrays): no other global
-    can be named, so a tampered file cannot make unpickling run code."""
-
-    def __init__(self, data: bytes, path: Path) -> None:
-        super().__init__(io.BytesIO(data), encoding="bytes")
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _CIFAR_GLOBALS[module, name]
-        except KeyError:
-            raise DatasetCorruptError(
-                f"refusing to unpickle {module}.{name} from {self.path}: CIFAR batches hold only dicts, lists, "
-                "strings, numbers and numpy arrays, so this is not an official file; replace it with the official "
-                "one (`dataset.verify: true` checks its checksum)"
-            ) from None
-
-
-def _unpickle(path: Path, src: _Source, verify: bool) -> dict[bytes, Any]:
-    """Load one CIFAR pickle batch (the published format, hence pickle).
-
-    The checksum is checked before unpickling, so with verify=True only the official files are unpickled;
-    with verify=False the restricted unpickler still refuses every global that CIFAR batches do not use.
-    """
-    data = _read_verified(path, src, verify)
-    try:
-        batch = _CifarUnpickler(data, path).load()
-    except DatasetCorruptError:
-        raise
-    except Exception as exc:  # unpickling garbage can raise almost anything
-        raise DatasetCorruptError(f"{path}: not a CIFAR pickle batch ({exc!r}); it is corrupt or incomplete") from exc
-    if not isinstance(batch, dict):
-        raise DatasetCorruptError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
-    return batch
-
-
-def _cifar_batch(path: Path, src: _Source, label_key: bytes, verify: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR stores each image as a row of 3072 bytes: the R, G, B planes, each 32x32 in row-major order."""
-    batch = _unpickle(path, src, verify)
-    try:
-        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key], dtype=np.int64)
-    except KeyError as exc:
-        raise DatasetCorruptError(f"{path}: missing key {exc.args[0]!r}; not an official CIFAR batch") from None
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise DatasetCorruptError(
-            f"{path}: expected uint8 data of shape (N, 3072) and N labels, "
-            f"got {data.dtype} {data.shape} and {len(labels)} labels"
-        )
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
-
-
 def _read_cifar_dataset(name: str, directory: Path, names: dict[str, str], verify: bool) -> ImageDataset:
+    """torchvision's CIFAR reader, which checks every file's MD5 before unpickling it, on the directory found."""
+    from torchvision.datasets.utils import check_integrity
+
     src = _sources()[name]
     cls = cast("type[CIFAR10]", src.torchvision_class)  # CIFAR100 derives from CIFAR10
-    label_key = b"labels" if name == "cifar10" else b"fine_labels"
-    parts = {}
-    for split, listed in (("train", cls.train_list), ("test", cls.test_list)):
-        batches = [_cifar_batch(directory / names[filename], src, label_key, verify) for filename, _ in listed]
-        parts[split] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
-    meta_path = directory / names[cls.meta["filename"]]
-    meta_key = cls.meta["key"].encode()
-    meta = _unpickle(meta_path, src, verify)
-    if meta_key not in meta:
-        raise DatasetCorruptError(f"{meta_path}: missing key {meta_key!r}; not an official CIFAR meta file")
+    # torchvision reads root/base_folder; an empty base_folder reads the directory found, in either layout
+    here = type(cls.__name__, (cls,), {"base_folder": ""})
+    try:
+        train, test = here(root=directory, train=True), here(root=directory, train=False)
+    except RuntimeError as exc:  # torchvision only says "not found or corrupted": name the file
+        listed = [*cls.train_list, *cls.test_list, [cls.meta["filename"], cls.meta["md5"]]]
+        bad = [directory / f for f, md5 in listed if not check_integrity(str(directory / f), md5)]
+        if not bad:
+            raise DatasetCorruptError(f"{directory}: torchvision cannot read {DATASETS[name].label} ({exc})") from exc
+        raise DatasetCorruptError(
+            f"{', '.join(map(str, bad))}: not the official {DATASETS[name].label} file (MD5 differs); "
+            "it is corrupt or incomplete (e.g. an interrupted download). Delete it and download it again."
+        ) from exc
     return ImageDataset(
         name=name,
-        train_images=parts["train"][0],
-        train_labels=parts["train"][1],
-        test_images=parts["test"][0],
-        test_labels=parts["test"][1],
-        classes=tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[meta_key]),
+        train_images=torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous(),  # torchvision gives HWC
+        train_labels=torch.tensor(train.targets, dtype=torch.int64),
+        test_images=torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous(),
+        test_labels=torch.tensor(test.targets, dtype=torch.int64),
+        classes=tuple(train.classes),
         mean=src.mean,
         std=src.std,
         hflip=DATASETS[name].hflip,
@@ -476,10 +413,17 @@ def load_dataset(
     Local roots come first so that offline machines and shared read-only copies (e.g. Debian's
     /usr/share/datasets/fashion-mnist) are used as they are; `download_root` is searched next because it
     holds earlier downloads. With `verify`, every file is checked against the official MD5 before parsing.
+    CIFAR is read by torchvision, which always checks, so verify=False is refused for it: hetmerge does not
+    unpickle an unchecked file (unpickling can run code).
     """
     dataset_info(name)
     if name == "digits":
         return _load_digits()
+    if not verify and _READERS[name] is _read_cifar_dataset:
+        raise ValueError(
+            f"dataset {name!r} cannot be read unverified: torchvision checks every CIFAR file's MD5 before "
+            "unpickling it, and an unchecked pickle could run code. Set `dataset.verify: true` (drop --no-verify)."
+        )
     download_dir = Path(download_root)
     search_roots = list(dict.fromkeys([*(Path(r) for r in roots), download_dir]))
     directory, found, notes = _search(name, search_roots)

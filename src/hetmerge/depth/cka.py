@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from hetmerge.progress import track
+
 MIN_BATCH = 4  # the unbiased estimator divides by n − 3
 
 
@@ -139,7 +141,7 @@ def layer_cka(
 
                 handles.append(model.get_submodule(name).register_forward_hook(hook))
         acc = CKAAccumulator()
-        for x in batches:
+        for x in track(batches, desc="layer CKA", unit="batch"):
             _check_batch_size(x.shape[0])
             captured.clear()
             model_x(x)

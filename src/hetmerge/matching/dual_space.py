@@ -21,6 +21,7 @@ from hetmerge.matching.solvers import Matching, Solver
 from hetmerge.matching.transforms import SpaceMerge
 from hetmerge.matching.weight_similarity import weight_correlation
 from hetmerge.models import MultiTaskNet
+from hetmerge.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -80,18 +81,20 @@ def dual_space_matching(
     rng = np.random.default_rng(seed)
     best, best_value = dict(merges), -np.inf  # the activation start was scored without weights: not comparable
     stale = sweeps = 0
-    for sweeps in range(1, max_sweeps + 1):  # noqa: B007 (the count is returned)
-        changed = False
-        for k in rng.permutation(len(sets)):
-            for space, new in zip(sets[k], solve(sets[k], merges), strict=True):
-                changed |= space.name not in merges or not _same(merges[space.name], new.merge)
-                merges[space.name] = new.merge
-                values[space.name] = new.value
-        value = float(np.mean(list(values.values())))
-        if value > best_value + 1e-12:
-            best, best_value, stale = dict(merges), value, 0
-        else:
-            merges, stale = dict(best), stale + 1
-        if not changed or stale >= patience:
-            break
+    with Progress(f"dual-space matching (λ {lam:g})", unit="sweep") as progress:
+        for sweeps in range(1, max_sweeps + 1):  # noqa: B007 (the count is returned)
+            changed = False
+            for k in rng.permutation(len(sets)):
+                for space, new in zip(sets[k], solve(sets[k], merges), strict=True):
+                    changed |= space.name not in merges or not _same(merges[space.name], new.merge)
+                    merges[space.name] = new.merge
+                    values[space.name] = new.value
+            value = float(np.mean(list(values.values())))
+            if value > best_value + 1e-12:
+                best, best_value, stale = dict(merges), value, 0
+            else:
+                merges, stale = dict(best), stale + 1
+            progress.update()
+            if not changed or stale >= patience:
+                break
     return DualSpaceResult(best, sweeps, best_value)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from hetmerge.matching.assignment import best_permutation
+from hetmerge.progress import Progress
 from hetmerge.spaces import SpaceGraph
 
 
@@ -51,22 +52,24 @@ def weight_matching(
     a64 = {k: v.double() for k, v in state_a.items() if v.is_floating_point()}
     b64 = {k: v.double() for k, v in state_b.items() if v.is_floating_point()}
     sweeps = 0
-    for sweeps in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
-        progress = False
-        for index in rng.permutation(len(graph.spaces)):
-            space = graph.spaces[index]
-            score = torch.zeros(space.width, space.width, dtype=torch.float64, device=device)
-            for ref in voters[space.name]:
-                rows_a = _unit_rows(a64[ref.param], ref.axis)
-                rows_b = _unit_rows(_permuted_except(b64[ref.param], ref.param, ref.axis, graph, perms), ref.axis)
-                score += rows_a @ rows_b.T
-            old = perms[space.name]
-            score = score.cpu()  # the assignment is solved on the CPU, where the permutations live
-            new = best_permutation(score)
-            eye = torch.arange(space.width)
-            if score[eye, new].sum() > score[eye, old].sum() + 1e-12:
-                progress = True
-            perms[space.name] = new
-        if not progress:
-            break
+    with Progress("weight matching", unit="sweep") as progress:
+        for sweeps in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
+            improved = False
+            for index in rng.permutation(len(graph.spaces)):
+                space = graph.spaces[index]
+                score = torch.zeros(space.width, space.width, dtype=torch.float64, device=device)
+                for ref in voters[space.name]:
+                    rows_a = _unit_rows(a64[ref.param], ref.axis)
+                    rows_b = _unit_rows(_permuted_except(b64[ref.param], ref.param, ref.axis, graph, perms), ref.axis)
+                    score += rows_a @ rows_b.T
+                old = perms[space.name]
+                score = score.cpu()  # the assignment is solved on the CPU, where the permutations live
+                new = best_permutation(score)
+                eye = torch.arange(space.width)
+                if score[eye, new].sum() > score[eye, old].sum() + 1e-12:
+                    improved = True
+                perms[space.name] = new
+            progress.update()
+            if not improved:
+                break
     return perms, sweeps

@@ -35,6 +35,8 @@ def mean_state(models: Sequence[MultiTaskNet]) -> dict[str, torch.Tensor]:
 
 @register
 class Average(MergeMethod):
+    """Elementwise average of the models' weights, unaligned (W.Avg)."""
+
     name = "average"
 
     def keeps_first_basis(self) -> bool:

@@ -158,6 +158,7 @@ class MergeContext:
 
 class MergeMethod(abc.ABC):
     name: ClassVar[str]
+    paper: ClassVar[str | None] = None  # key of hetmerge.papers.PAPERS that `hetmerge methods` cites; None: a baseline
     Params: ClassVar[type[MethodParams]] = MethodParams
     risk_warning: ClassVar[type[MethodWarning]] = MethodWarning  # what `check` warns with
     min_models: ClassVar[int] = 2

@@ -61,7 +61,10 @@ def kd_loss(
 
 @register
 class Distill(MergeMethod):
+    """One student learns every task's model's features or logits on few-shot data (FS-Merge's KD baseline)."""
+
     name = "distill"
+    paper = "KD"
     Params = DistillParams
     uses_few_shot = True
     params: DistillParams

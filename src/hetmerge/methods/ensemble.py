@@ -22,6 +22,8 @@ class EnsembleParams(MethodParams):
 
 @register
 class Ensemble(MergeMethod):
+    """Keeps every model and answers each task with its models' heads, their mean where several answer."""
+
     name = "ensemble"
     Params = EnsembleParams
     offers = ()  # no merged network: nothing lies in a weight space

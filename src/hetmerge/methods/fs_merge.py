@@ -66,7 +66,10 @@ class FSMergeParams(FitParams):
 
 @register
 class FSMerge(MergeMethod):
+    """Learned merge and unmerge maps around the frozen models' layers, trained on few-shot data, then folded."""
+
     name = "fs_merge"
+    paper = "FS-Merge"
     Params = FSMergeParams
     uses_few_shot = True
     params: FSMergeParams

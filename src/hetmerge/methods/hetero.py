@@ -69,7 +69,10 @@ def _check_record(record: Mapping[str, Any], deep: int, depths: list[list[int]])
 
 @register
 class Hetero(MergeMethod):
+    """Models of different depths: CKA depth alignment, identity padding of the shallower, then zip or align."""
+
     name = "hetero"
+    paper = "Heterogeneous merging"
     Params = HeteroParams
     max_models = 2
     offers = ("alignment",)  # the merge has the deep model's depth: the plane through models A and B lacks it

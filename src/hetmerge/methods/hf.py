@@ -50,7 +50,10 @@ def pair_costs(refits: Refits, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tens
 
 @register
 class HungarianFusion(MergeMethod):
+    """Hungarian fusion of two same-task models: refitted neurons paired by a LAP on their pre-activations."""
+
     name = "hf"
+    paper = "Neuron Interpolation"
     Params = HFParams
     params: HFParams
     min_models = 2

@@ -47,7 +47,10 @@ class KFParams(MethodParams):
 
 @register
 class KMeansFusion(MergeMethod):
+    """K-means fusion of N same-task models: refitted neurons clustered, importance-weighted, into one width."""
+
     name = "kf"
+    paper = "Neuron Interpolation"
     Params = KFParams
     params: KFParams
     same_task = True

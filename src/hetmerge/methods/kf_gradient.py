@@ -55,6 +55,7 @@ from hetmerge.methods.base import MergeContext, MergeError, MergeMethod, MethodP
 from hetmerge.models import MultiTaskNet
 from hetmerge.observe import as_rows
 from hetmerge.params import Range, as_dict
+from hetmerge.progress import track
 
 Positive = Annotated[float, Range(0, open_low=True)]
 Epochs = Annotated[int, Range(0)]
@@ -270,7 +271,10 @@ def align_to_input(
 
 @register
 class KFGradient(MergeMethod):
+    """KF-Gradient: model 0's copy trained level by level towards k-means centroids of all models' outputs."""
+
     name = "kf_gradient"
+    paper = "Neuron Interpolation"
     Params = KFGradientParams
     same_task = True
     params: KFGradientParams
@@ -311,7 +315,7 @@ class KFGradient(MergeMethod):
         fused = copy.deepcopy(models[0])
         generator = torch.Generator().manual_seed(ctx.seed)
         records = []
-        for lvl in levels(fused, p.join_first):
+        for lvl in track(levels(fused, p.join_first), desc=f"{self.name} levels", unit="level"):
             if lvl.index in p.skip_levels:
                 records.append({**lvl.describe(), "skipped": True})
                 continue

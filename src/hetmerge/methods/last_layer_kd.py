@@ -43,7 +43,10 @@ class LastLayerKDParams(MethodParams):
 
 @register
 class LastLayerKD(MergeMethod):
+    """Model 0's copy with only its classifier distilled from the mean of all same-task models' softmax."""
+
     name = "last_layer_kd"
+    paper = "Neuron Interpolation"
     Params = LastLayerKDParams
     same_task = True
     params: LastLayerKDParams

@@ -30,6 +30,7 @@ from hetmerge.methods.spacewise import assemble, target_architecture
 from hetmerge.methods.zipit import ZipBudgetWarning, zip_fit
 from hetmerge.models import MultiTaskNet
 from hetmerge.params import Range
+from hetmerge.progress import track
 
 Share = Annotated[float, Range(0, 1)]
 
@@ -52,7 +53,10 @@ class MuDSCParams(MethodParams):
 
 @register
 class MuDSC(MergeMethod):
+    """Zip or alignment on λ·activation + (1−λ)·weight similarity, refined by sweeps over the spaces."""
+
     name = "mudsc"
+    paper = "MuDSC"
     Params = MuDSCParams
     uses_statistics = True
     risk_warning = ZipBudgetWarning
@@ -98,7 +102,7 @@ class MuDSC(MergeMethod):
         if ctx.score is None:
             raise MergeError("method 'mudsc' with lam: null chooses λ on the labelled merge slice, which was not given")
         scores: list[float] = []
-        for lam in choice.grid:
+        for lam in track(choice.grid, desc="mudsc λ grid", unit="value"):
             candidate = self.finish(self.merge_at(models, ctx, lam), ctx)
             scores.append(ctx.score(candidate))
             if first_best(scores) == len(scores) - 1:  # keep only the best so far: one candidate in memory

@@ -42,6 +42,7 @@ from hetmerge.methods.spacewise import assemble
 from hetmerge.models import MultiTaskNet
 from hetmerge.observe import Point, as_rows, observing
 from hetmerge.params import Range
+from hetmerge.progress import track
 from hetmerge.spaces import FeatureSpace, SpaceGraph
 
 
@@ -95,7 +96,7 @@ def activation_distances(
             stack.enter_context(observing(m, [g[s] for s in spaces], point))
             for m, g in zip(models, graphs, strict=True)
         ]
-        for x in batches:
+        for x in track(batches, desc="otfusion activation costs", unit="batch"):
             for model in models:
                 model(x)
             seen += len(x)
@@ -251,7 +252,10 @@ def align_heads(
 
 @register
 class OTFusion(MergeMethod):
+    """Optimal transport of each same-task model's units onto model 0's, importance-weighted, then averaged."""
+
     name = "otfusion"
+    paper = "OTFusion"
     Params = OTFusionParams
     same_task = True
     params: OTFusionParams
@@ -302,7 +306,7 @@ class OTFusion(MergeMethod):
         n = len(models)
         merges: dict[str, SpaceMerge] = {}
         spent: dict[str, float] = {}
-        for members in graphs[0].matching_sets():
+        for members in track(graphs[0].matching_sets(), desc="otfusion transport", unit="space set"):
             plans: list[list[torch.Tensor]] = [[] for _ in members]
             for k in range(1, n):
                 if p.cost == "acts":

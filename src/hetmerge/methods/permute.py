@@ -16,7 +16,10 @@ from hetmerge.models import MultiTaskNet
 
 @register
 class Permute(MergeMethod):
+    """Activation matching: feature correlations aligned to the first model's by linear assignment, then averaged."""
+
     name = "permute"
+    paper = "Git Re-Basin"
 
     def keeps_first_basis(self) -> bool:
         return True

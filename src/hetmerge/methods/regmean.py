@@ -49,6 +49,7 @@ from hetmerge.methods.spacewise import match_activations
 from hetmerge.methods.zipit import ZipItParams, zip_fit
 from hetmerge.models import MultiTaskNet
 from hetmerge.params import Range
+from hetmerge.progress import track
 from hetmerge.task_targets import CHUNK, task_owners
 
 GRAM_ELEMENTS = 1 << 22  # unfolded input elements per Gram product (memory, not results)
@@ -127,7 +128,7 @@ def input_grams(
     model.eval()
     try:
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            for part in images.split(CHUNK):
+            for part in track(images.split(CHUNK), desc="regmean input Grams", unit="chunk"):
                 model.body(part.to(device))
     finally:
         for handle in handles:
@@ -242,7 +243,10 @@ def layer_maps(
 
 @register
 class RegMean(MergeMethod):
+    """Every linear map solved from the models' input Grams on few-shot data, optionally after an alignment."""
+
     name = "regmean"
+    paper = "RegMean"
     Params = RegMeanParams
     uses_few_shot = True
     uses_statistics = True  # for the alignments; RegMean's own Grams come from the few-shot slice

@@ -11,6 +11,7 @@ from hetmerge.merged import MergedModel
 from hetmerge.methods.average import union_heads_model
 from hetmerge.methods.base import MergeError, require_same_architecture, require_same_structure
 from hetmerge.models import MultiTaskNet
+from hetmerge.progress import track
 from hetmerge.spaces import FeatureSpace
 from hetmerge.statistics import SpaceStats
 
@@ -44,7 +45,7 @@ def match_activations(
     """
     wanted = {s.name for s in spaces_before(models[0], cut)}
     merges = dict(fixed or {})
-    for members in models[0].space_graph().matching_sets():
+    for members in track(models[0].space_graph().matching_sets(), desc="activation matching", unit="space set"):
         if members[0].name not in wanted or members[0].name in merges:
             continue
         sims = [stats[s.name].correlation() for s in members]

@@ -26,7 +26,10 @@ class WeightMatchingParams(MethodParams):
 
 @register
 class WeightMatching(MergeMethod):
+    """Weight matching: permutations aligning the weights, swept over the spaces until none changes, then averaged."""
+
     name = "weight_matching"
+    paper = "Git Re-Basin"
 
     def keeps_first_basis(self) -> bool:
         return True

@@ -87,7 +87,10 @@ class ZipItParams(MethodParams):
 
 @register
 class ZipIt(MergeMethod):
+    """Greedy zip of correlated features within and across all N models at once, optionally up to a cut only."""
+
     name = "zipit"
+    paper = "ZipIt!"
     Params = ZipItParams
     uses_statistics = True
     risk_warning = ZipBudgetWarning

@@ -37,17 +37,19 @@ PROVENANCE_COLUMNS = (
     "hetmerge",
     "torch",
     "python",
-    "cuda",
+    "torch_cuda_build",
     "config",
 )
 """Columns of provenance.csv. `seed` is the seed of the evaluated model itself (a base model's training seed,
-a merge's seed where its result records one); `config` is the row's method, params and analyses as compact JSON."""
+a merge's seed where its result records one); `torch_cuda_build` the CUDA version torch was built for, which a
+CPU run records too (`device` says where the row ran); `config` is the row's method, params and analyses as
+compact JSON."""
 SUMMARY_FIELDS = {
     "git_commit": "Git commit",
     "hetmerge": "hetmerge",
     "torch": "torch",
     "python": "Python",
-    "cuda": "CUDA",
+    "torch_cuda_build": "torch CUDA build",
     "device": "Device",
 }
 """Fields whose distinct values provenance.html lists above the table (one value each, ideally)."""
@@ -77,7 +79,7 @@ def provenance_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "hetmerge": packages.get("hetmerge"),
         "torch": packages.get("torch"),
         "python": prov.get("python"),
-        "cuda": prov.get("cuda"),
+        "torch_cuda_build": prov.get("cuda"),
         "config": compact_json(record["config"]),
     }
 
