@@ -14,16 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _results() -> pd.DataFrame:
-    rows = [  # (arch, arch_label, label, kind, joint_mean, joint_std)
-        ("mlp", "MLP", "Model A", "base", 0.45, 0.05),
-        ("mlp", "MLP", "Model B", "base", 0.47, 0.01),
-        ("mlp", "MLP", "Ensemble", "ensemble", 0.75, 0.0),
-        ("mlp", "MLP", "W.Avg", "merge", 0.64, 0.015),
-        ("mlp", "MLP", "ZipIt!", "merge", 0.7349, 0.031),
-        ("vit", "ViT", "Model A", "base", 0.39, float("nan")),
-        ("vit", "ViT", "KD", "merge", 0.531, float("nan")),
+    rows = [  # (arch, arch_label, label, kind, joint_mean, joint_std, joint_n)
+        ("mlp", "MLP", "Model A", "base", 0.45, 0.05, 2),
+        ("mlp", "MLP", "Model B", "base", 0.47, 0.01, 2),
+        ("mlp", "MLP", "Ensemble", "ensemble", 0.75, 0.0, 2),
+        ("mlp", "MLP", "W.Avg", "merge", 0.64, 0.015, 2),
+        ("mlp", "MLP", "ZipIt!", "merge", 0.7349, 0.031, 2),
+        ("vit", "ViT", "Model A", "base", 0.39, float("nan"), 1),
+        ("vit", "ViT", "KD", "merge", 0.531, float("nan"), 1),
     ]
-    return pd.DataFrame(rows, columns=["arch", "arch_label", "label", "kind", "joint_mean", "joint_std"])
+    return pd.DataFrame(rows, columns=["arch", "arch_label", "label", "kind", "joint_mean", "joint_std", "joint_n"])
 
 
 def test_table_by_hand():

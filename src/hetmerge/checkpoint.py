@@ -149,18 +149,26 @@ def _build(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], path: Pat
 
 
 def load_model(path: str | os.PathLike[str]) -> tuple[MultiTaskNet | MergedModel, dict[str, Any]]:
-    """Load whatever `save_model` wrote; returns the module (in eval mode) and its metadata.
+    """Load whatever `save_model` wrote; returns the module (in eval mode) and its metadata."""
+    state, meta = load_tensors(path)
+    return model_from_tensors(state, meta, path), meta
+
+
+def model_from_tensors(
+    state: Mapping[str, torch.Tensor], meta: Mapping[str, Any], path: str | os.PathLike[str]
+) -> MultiTaskNet | MergedModel:
+    """The module (in eval mode) of what `load_tensors` read from a file `save_model` wrote (`path` names it in
+    errors), for callers that have read the file already.
 
     The description is first built on the meta device and checked against the file's tensors, so metadata
     that claims a huge model is refused before anything that size is allocated.
     """
     path = Path(path)
-    state, meta = load_tensors(path)
     with torch.device("meta"):
         _check_state(_build(meta, state, path), state, path)
     model = _build(meta, state, path)
     model.load_state_dict(state)
-    return model.eval(), meta
+    return model.eval()
 
 
 def load_base_model(path: str | os.PathLike[str]) -> tuple[MultiTaskNet, dict[str, Any]]:

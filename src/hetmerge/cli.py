@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -640,7 +641,7 @@ def _citation(cls: type[MergeMethod]) -> str:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     """What a checkpoint holds and what produced it, at a glance; with --json, its full metadata and tensor shapes."""
-    from hetmerge.checkpoint import load_model, load_tensors
+    from hetmerge.checkpoint import load_tensors, model_from_tensors
 
     tensors, meta = load_tensors(args.file)
     if args.json:
@@ -653,7 +654,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         what = meta.get("kind") or "hetmerge file"
         print(f"{args.file}: {what} (no model), {len(tensors)} tensors, {size}; --json prints its metadata")
         return
-    model, _ = load_model(args.file)  # the module its metadata describes, whose parameters are counted
+    model = model_from_tensors(tensors, meta, args.file)  # the module its metadata describes, to count parameters
     info, desc = meta["info"], meta["model"]
     merged = meta["kind"] == "merged"
     networks = ([desc["trunk"]] if desc["trunk"] else []) + desc["branches"] if merged else [desc]
@@ -705,9 +706,7 @@ def _merged_architecture(desc: dict[str, Any]) -> str:
     branches = desc["branches"]
     if not branches:
         return f"one network: {_architecture(desc['trunk'])}"
-    counts: dict[str, int] = {}
-    for branch in branches:
-        counts[_architecture(branch)] = counts.get(_architecture(branch), 0) + 1
+    counts = Counter(map(_architecture, branches))
     listed = "; ".join(arch if n == 1 else f"{n} x {arch}" for arch, n in counts.items())
     if desc["trunk"] is None:
         return f"ensemble of {len(branches)} networks: {listed}"
@@ -826,18 +825,21 @@ def build_parser() -> argparse.ArgumentParser:
     def result_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--result", default=None, help="also evaluate the model on the test set: result JSON")
         p.add_argument(
-            "--eval-batch-size", type=int, default=512, help="batch size of that test-set evaluation (default: 512)"
+            "--eval-batch-size",
+            type=int,
+            default=512,
+            help="batch size of that test-set evaluation (default: %(default)s)",
         )
 
     def device_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", help="auto (a free GPU if any, else CPU), cpu, or cuda:N")
-        p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
+        p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: %(default)s)")
 
     p = command("data", "find or download a dataset and store it prepared")
     p.add_argument("--dataset", required=True, help=f"dataset name, one of {', '.join(KNOWN_DATASETS)}")
     p.add_argument("--roots", nargs="*", default=[], help="local directories searched before downloading")
     p.add_argument(
-        "--download-root", default="data", help="directory that downloads go to, searched last (default: data)"
+        "--download-root", default="data", help="directory that downloads go to, searched last (default: %(default)s)"
     )
     p.add_argument(
         "--download",
@@ -863,7 +865,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="class_disjoint (default): one task per model; the others: N models of one task, each on its partition",
     )
     p.add_argument(
-        "--num-tasks", type=int, default=2, help="tasks (class_disjoint) or models (same-task kinds); default: 2"
+        "--num-tasks",
+        type=int,
+        default=2,
+        help="tasks (class_disjoint) or models (same-task kinds); default: %(default)s",
     )
     p.add_argument("--merge-per-class", type=int, default=None, help="held-out merge images per class")
     p.add_argument("--fusion-size", type=int, default=None, help="same-task: fusion images, from model A's data")
@@ -905,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("statistics", "activation mean/covariance of every feature space on the merge slice")
     inputs(p, "many")
-    p.add_argument("--batch-size", type=int, default=256, help="merge-slice images per batch (default: 256)")
+    p.add_argument("--batch-size", type=int, default=256, help="merge-slice images per batch (default: %(default)s)")
     p.add_argument("--out", required=True, help="statistics to write (safetensors), for `merge --stats`")
     device_args(p)
     p.set_defaults(func=cmd_statistics)
@@ -913,7 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("precompute", "an input methods read, once per model list (e.g. depth alignment)")
     inputs(p, "many")
     p.add_argument("--name", required=True, help="what to compute (registered in hetmerge.methods.PRECOMPUTE)")
-    p.add_argument("--batch-size", type=int, default=256, help="merge-slice images per batch (default: 256)")
+    p.add_argument("--batch-size", type=int, default=256, help="merge-slice images per batch (default: %(default)s)")
     p.add_argument("--out", required=True, help="the input to write (JSON), for `merge --precomputed NAME=OUT`")
     device_args(p)
     p.set_defaults(func=cmd_precompute)
@@ -955,15 +960,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="for the merges that learn (FS-Merge, distill, RegMean): N original training images per task",
     )
-    p.add_argument("--aug-factor", type=int, default=8, help="augmented copies of each few-shot image (default: 8)")
+    p.add_argument(
+        "--aug-factor", type=int, default=8, help="augmented copies of each few-shot image (default: %(default)s)"
+    )
     p.add_argument(
         "--val-per-task",
         type=int,
         default=300,
-        help="held-out training images per task (validation loss; default: 300)",
+        help="held-out training images per task (validation loss; default: %(default)s)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=256, help="merge-slice images per batch (statistics, scores; default: 256)"
+        "--batch-size",
+        type=int,
+        default=256,
+        help="merge-slice images per batch (statistics, scores; default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the method's random draws and the few-shot slice")
     p.add_argument(
@@ -978,9 +988,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merges", nargs="+", required=True, help="merge checkpoints to place on the plane")
     p.add_argument("--keys", nargs="+", required=True, help="row key of each merge")
     p.add_argument("--plane", required=True, help="key of the merge that spans the plane with A and B")
-    p.add_argument("--steps", type=int, default=11, help="grid points per axis (default: 11)")
-    p.add_argument("--per-task", type=int, default=500, help="test images per task (default: 500)")
-    p.add_argument("--batch-size", type=int, default=500, help="test images per batch (default: 500)")
+    p.add_argument("--steps", type=int, default=11, help="grid points per axis (default: %(default)s)")
+    p.add_argument("--per-task", type=int, default=500, help="test images per task (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=500, help="test images per batch (default: %(default)s)")
     p.add_argument("--out", required=True, help="the landscape to write (JSON)")
     device_args(p)
     p.set_defaults(func=cmd_landscape)
@@ -994,7 +1004,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSON list with one object per model, whose fields are copied into its record, e.g. \'[{"key": '
         '"zipit"}]\'',
     )
-    p.add_argument("--batch-size", type=int, default=512, help="test images per batch (default: 512)")
+    p.add_argument("--batch-size", type=int, default=512, help="test images per batch (default: %(default)s)")
     p.add_argument("--out", required=True, help="the records to write (JSON list, one per model)")
     device_args(p)
     p.set_defaults(func=cmd_evaluate)
@@ -1002,7 +1012,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("plan", "resolve a validated config into the pipeline's jobs and report (JSON)")
     p.add_argument("--config", required=True, help="the config as JSON, validated with its schema's defaults")
     p.add_argument("--name", required=True, help="the config's report folder name")
-    p.add_argument("--results", default="results", help="folder the planned outputs go under (default: results)")
+    p.add_argument("--results", default="results", help="folder the planned outputs go under (default: %(default)s)")
     p.add_argument("--out", required=True, help="the plan to write (JSON)")
     p.set_defaults(func=cmd_plan)
 
